@@ -1,0 +1,1 @@
+"""Cluster side: the embedded local stack, connecting to Ray, install tooling (env/)."""

@@ -1,0 +1,1 @@
+"""Jobs: the demo, training recipes and (later) the Ray Train loop."""

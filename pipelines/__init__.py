@@ -1,0 +1,1 @@
+"""Data plane: webdataset shards, the sample dataset, Ray Data readers."""

@@ -1,0 +1,40 @@
+"""Shared fixtures: one embedded stack (S3 server, MLflow, Ray on 127.0.0.1) per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.local import LocalStack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """The embedded stack, started once, its environment active for the session; stopped by PID."""
+    st = LocalStack(tmp_path_factory.mktemp("stack"), bucket="unilip-test", log=lambda m: None)
+    with st:
+        yield st
+    assert st.leftover_processes() == []
+
+
+@pytest.fixture(scope="session")
+def s3(stack):
+    return stack.s3()
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `unilip ARGS...` as a user would, in a child process."""
+    return subprocess.run(
+        [sys.executable, "-m", "unilip.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )

@@ -1,0 +1,86 @@
+import pytest
+
+from jobs.recipes import load_recipe, recipe_names
+from unilip.config import ConfigError, Recipe, S3Config, apply_overrides, from_dict, load_yaml
+from tests.conftest import run_cli
+
+PAPER = {  # steps, global batch, lr, resolution (UNILIP_FACTS.md)
+    "recon-stage1": (300_000, 64, 1e-4, 224),
+    "recon-stage2": (400_000, 64, 1e-4, 224),
+    "recon-stage2-448": (100_000, 64, 1e-4, 448),
+    "gen-stage1": (50_000, 512, 1e-4, 448),
+    "gen-stage2": (200_000, 512, 1e-4, 448),
+    "gen-stage3": (30_000, 512, 1e-4, 448),
+}
+
+
+def test_all_six_recipes_load_with_the_paper_values():
+    assert recipe_names() == sorted(PAPER)
+    for name, (steps, batch, lr, res) in PAPER.items():
+        r = load_recipe(name)
+        assert isinstance(r, Recipe) and r.name == name
+        assert (r.train.steps, r.train.global_batch, r.train.lr, r.data.resolution) == (steps, batch, lr, res)
+        assert r.train.min_lr == 1e-5
+    assert load_recipe("recon-stage2").train.gan_start_step == 200_000
+    assert load_recipe("recon-stage2-448").train.gan_start_step == 0
+    assert load_recipe("recon-stage2").train.lr_scales["encoder"] == 0.1
+    edit = {s.name: s.multiplier for s in load_recipe("gen-stage2").data.sources}
+    assert edit["gpt-image-edit"] == 10.0
+    assert {s.name: s.multiplier for s in load_recipe("gen-stage3").data.sources}["sharegpt-4o-image"] == 3.0
+    assert "dit" not in load_recipe("gen-stage1").train.trainable
+    assert "dit" in load_recipe("gen-stage2").train.trainable
+
+
+def test_overrides_are_typed():
+    r = load_recipe("gen-stage2", ["train.lr=2e-4", "train.steps=10", "model.condition=queries",
+                                   "data.sources.3.multiplier=5", "train.gan_start_step=null", "data.batch_mode=mixed"])
+    assert r.train.lr == 2e-4 and isinstance(r.train.lr, float)
+    assert r.train.steps == 10 and r.model.condition == "queries"
+    assert r.data.sources[3].multiplier == 5.0 and r.data.batch_mode == "mixed"
+    assert r.train.gan_start_step is None
+    r2 = apply_overrides(r, ["train.lr_scales.dit=0.5", "train.trainable=[dit]"])
+    assert r2.train.lr_scales == {"dit": 0.5} and r2.train.trainable == ["dit"]
+    assert r.train.trainable != r2.train.trainable  # the original is untouched
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.lrr=1", ["'train.lrr'", "lr", "min_lr"]),
+        ("nope=1", ["'nope'", "train"]),
+        ("train.steps=abc", ["train.steps", "int", "'abc'"]),
+        ("train.steps=1.5", ["train.steps", "int"]),
+        ("model.condition=foo", ["model.condition", "'hidden'", "'queries'", "'both'"]),
+        ("data.sources.9.uri=x", ["index", "9"]),
+        ("train.lr", ["key=value"]),
+        ("train.trainable=3", ["train.trainable", "list"]),
+    ],
+)
+def test_bad_overrides_name_the_key_and_what_is_allowed(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_recipe("recon-stage1", [override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nkind: generation\ntrain: {steps: 5, warmup: 3}\n")
+    with pytest.raises(ConfigError, match="unknown key 'train.warmup'"):
+        load_yaml(Recipe, bad)
+    missing = tmp_path / "missing.yaml"
+    missing.write_text("kind: generation\n")
+    with pytest.raises(ConfigError, match="missing required key 'name'"):
+        load_yaml(Recipe, missing)
+    with pytest.raises(ConfigError, match="unknown recipe 'gen-stage9'"):
+        load_recipe("gen-stage9")
+    assert from_dict(S3Config, {"endpoint_url": None}).endpoint_url is None
+
+
+def test_cli_recipe_show_and_bad_key():
+    ok = run_cli("recipe", "show", "recon-stage1", "--set", "train.lr=2e-4")
+    assert ok.returncode == 0, ok.stderr
+    assert "lr: 0.0002" in ok.stdout
+    bad = run_cli("recipe", "show", "recon-stage1", "--set", "train.lrr=2e-4")
+    assert bad.returncode == 2
+    assert "unknown key 'train.lrr'" in bad.stderr and "Traceback" not in bad.stderr

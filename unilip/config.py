@@ -1,0 +1,265 @@
+"""Typed configuration: dataclasses for storage, model, data, training and serving.
+
+A training stage is a `Recipe` loaded from a YAML file (`jobs/recipes/NAME.yaml`); any
+field can be overridden with dotted keys, as the CLI's `--set train.lr=2e-4` does.
+Values are checked against the field types, and an unknown key or a value of the wrong
+type raises `ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that does not fit the schema."""
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass
+class S3Config:
+    """How to reach S3. Unset fields come from the usual AWS environment and profiles."""
+
+    endpoint_url: str | None = None  # None: AWS S3 (or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)
+    region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION / profile / us-east-1
+    profile: str | None = None  # named profile; None: AWS_PROFILE or the default chain
+    max_attempts: int = 10  # per request, with exponential backoff (standard retry mode)
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # name in the preset registry: tiny | unilip-1b | unilip-3b
+    num_queries: int = 256  # learnable query tokens appended after <img>
+    condition: Literal["hidden", "queries", "both"] = "both"  # paper Table 7 ablation
+    connector_layers: int = 6  # initialised from the LLM's last layers
+    cfg_drop_rate: float = 0.1  # training-time prompt drop to the null prompt
+    guidance_scale: float = 4.5
+    num_inference_steps: int = 20
+    solver: Literal["euler", "dpm"] = "euler"
+    shift: float = 3.0  # flow-matching timestep shift
+    init_from: str | None = None  # model directory (or recipe name) this stage starts from
+
+
+@dataclass
+class SourceConfig:
+    name: str
+    uri: str  # s3://bucket/prefix or a local directory holding shards + manifest.json
+    task: Literal["generation", "editing"] = "generation"
+    multiplier: float = 1.0  # sampling weight = multiplier x source size
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    resolution: int = 448  # 224 or 448: the stage resolution
+    batch_mode: Literal["single_task", "mixed"] = "single_task"
+    shuffle_buffer: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    global_batch: int = 64  # = workers x micro_batch x gradient accumulation
+    micro_batch: int = 16
+    lr: float = 1e-4
+    min_lr: float = 1e-5  # cosine schedule floor
+    warmup_steps: int = 0
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    lr_scales: dict[str, float] = field(default_factory=dict)  # parameter group -> lr factor
+    trainable: list[str] = field(default_factory=list)  # component names; the rest is frozen
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    gan_start_step: int | None = None  # None: no adversarial loss
+    precision: Literal["fp32", "bf16"] = "bf16"
+    zero_stage: int = 2
+    checkpoint_every: int = 1000
+    eval_every: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class Recipe:
+    """One training stage, as data."""
+
+    name: str
+    kind: Literal["reconstruction", "generation"]
+    description: str = ""
+    after: str | None = None  # the recipe whose exported weights this stage starts from
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass
+class AutoscalingConfig:
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 2.0
+
+
+@dataclass
+class ServeConfig:
+    model: str = ""  # models:/NAME/VERSION, models:/NAME@alias, a directory or s3:// prefix
+    host: str = "127.0.0.1"
+    port: int = 8000
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    max_ongoing_requests: int = 8
+    max_queued_requests: int = 64
+    max_batch_size: int = 4
+    batch_wait_timeout_s: float = 0.05
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_body_bytes: int = 20 * 1024 * 1024
+    api_key_env: str | None = None  # env var holding the bearer token; None: no auth
+    s3: S3Config = field(default_factory=S3Config)
+
+
+# ------------------------------------------------------------------- build and check
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from plain data (as parsed from YAML), checking every key."""
+    return _coerce(data, cls, where)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def load_yaml(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Load `cls` from a YAML file, then apply `key=value` overrides."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    obj = from_dict(cls, data)
+    return apply_overrides(obj, overrides or [])
+
+
+def apply_overrides(obj: Any, overrides: list[str]) -> Any:
+    """Apply `a.b.c=value` strings (values parsed as YAML) to a dataclass, returning a new one."""
+    data = to_dict(obj)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        _set_path(data, key.strip().split("."), yaml.safe_load(raw) if raw.strip() else "")
+    return from_dict(type(obj), data)
+
+
+def _set_path(data: Any, parts: list[str], value: Any) -> None:
+    # Unknown keys are created here and rejected by the typed rebuild with a full message.
+    head, rest = parts[0], parts[1:]
+    if isinstance(data, list):
+        if not head.isdigit() or int(head) >= len(data):
+            raise ConfigError(f"list index {head!r} out of range (0..{len(data) - 1})")
+        if rest:
+            _set_path(data[int(head)], rest, value)
+        else:
+            data[int(head)] = value
+    elif isinstance(data, dict):
+        if rest:
+            if not isinstance(data.get(head), (dict, list)):
+                data[head] = {}
+            _set_path(data[head], rest, value)
+        else:
+            data[head] = value
+    else:
+        raise ConfigError(f"cannot set {'.'.join(parts)!r} inside a {type(data).__name__}")
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    label = where or "config"
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{label}: expected a mapping for {tp.__name__}, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            key = f"{where}.{unknown[0]}" if where else unknown[0]
+            raise ConfigError(f"unknown key {key!r}; allowed under {label!r}: {', '.join(fields)}")
+        kwargs = {}
+        for name, f in fields.items():
+            sub = f"{where}.{name}" if where else name
+            if name in value:
+                kwargs[name] = _coerce(value[name], hints[name], sub)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"missing required key {sub!r}")
+        return tp(**kwargs)
+
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{label}: expected {_type_name(tp)}, got {value!r}")
+
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{label}: expected one of {allowed}, got {value!r}")
+        return value
+
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{label}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}.{i}") for i, v in enumerate(value)]
+
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{label}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        # YAML reads "2e-4" as a string (YAML 1.1 floats need a dot): accept numeric strings.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{label}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")

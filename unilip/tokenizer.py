@@ -1,0 +1,74 @@
+"""The tiny tokenizer fixture: a small byte-level BPE with InternVL's special tokens.
+
+No tokenizer ships in any installed package, so the tiny preset builds one: byte-level
+BPE (like Qwen2's), trained on a small built-in English corpus, with the chat tokens and
+the image tokens InternVL uses (`<img>`, `</img>`, `<IMG_CONTEXT>`), and a ChatML chat
+template. Saved with `save_pretrained`, it loads back with `AutoTokenizer`.
+
+    from unilip.tokenizer import build_tiny_tokenizer
+    tok = build_tiny_tokenizer("/tmp/tiny-tokenizer")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
+IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+SPECIAL_TOKENS = [PAD, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Enough varied English for the merges to cover the prompts, captions and instructions
+# the tiny model sees; the vocabulary stays small so the embedding table does too.
+_CORPUS = """
+You are a helpful assistant. Generate an image. Edit the image. Describe the image.
+What is in this picture? Answer the question about the image in one sentence.
+A photo of a cat, a dog, a cup of coffee, a rocket, a flower, a red motorcycle, the moon.
+An astronaut in an orange flight suit smiling beside a helmet with a flag behind her.
+A tabby cat with green eyes looking into the camera. A traditional pagoda above trees.
+A black and white photo of coins, gravel, grass, a brick pavement, a man with a camera.
+A deep space image of distant galaxies. A microscope image of stained tissue.
+Make the photo black and white. Mirror the image horizontally. Turn the image upside down.
+Rotate the image 90 degrees clockwise. Give the image a warm orange tint, a cool blue tint.
+Zoom in on the centre of the picture. Blur the image. Make the image brighter or darker.
+Increase the contrast. Reduce the contrast. Invert the colours. Give it a sepia look.
+Reduce the image to a few flat colours. Replace the background with a beach at sunset.
+Add a hat to the person. Remove the car from the street. Change the sky to night.
+The quick brown fox jumps over the lazy dog. One two three four five six seven eight nine ten.
+Red green blue yellow purple pink white black grey brown orange silver golden.
+Small large tall short bright dark old new happy beautiful detailed realistic painting.
+"""
+
+
+def build_tiny_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 1024):
+    """Train the fixture tokenizer; save it to `out_dir` if given. Deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator([line for line in _CORPUS.splitlines() if line] * 4, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token=IM_END,
+        pad_token=PAD,
+        additional_special_tokens=[IM_START, IMG_START, IMG_END, IMG_CONTEXT],
+        model_max_length=4096,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    if out_dir is not None:
+        tok.save_pretrained(str(out_dir))
+    return tok
