@@ -59,7 +59,7 @@ def test_mlflow_run_with_artifacts_in_the_bucket(stack, s3, tmp_path):
 def test_cli_help_lists_subcommands():
     r = run_cli("--help")
     assert r.returncode == 0
-    for sub in ("local", "data", "recipe", "demo"):
+    for sub in ("local", "data", "recipe", "model", "generate", "edit", "reconstruct", "understand", "demo"):
         assert sub in r.stdout
 
 

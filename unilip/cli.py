@@ -72,6 +72,71 @@ def _recipe(args) -> int:
     return 0
 
 
+def _model_init(args) -> int:
+    from unilip.config import ModelConfig, apply_overrides
+    from unilip.model import UniLIP
+
+    cfg = apply_overrides(ModelConfig(preset=args.preset), args.set)
+    out = UniLIP.from_preset(args.preset, cfg).save_pretrained(args.out)
+    print(f"wrote an untrained {args.preset} model to {out}")
+    return 0
+
+
+def _load_model(path: str):
+    from unilip.model import UniLIP
+
+    return UniLIP.from_pretrained(path).eval()
+
+
+def _open_images(paths: list[str]):
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                images.append(im.copy())
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"cannot read image {path}: {e}") from None
+    return images
+
+
+def _write_images(images, out: str, stem: str) -> None:
+    from pathlib import Path
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        path = Path(out) / f"{stem}-{i:02d}.png"
+        image.save(path)
+        print(path)
+
+
+def _generate(args) -> int:
+    model = _load_model(args.model)
+    kw = dict(guidance_scale=args.guidance, steps=args.steps, seed=args.seed, solver=args.solver)
+    if args.command == "generate":
+        images = model.generate(args.prompt * args.n, **kw)
+    else:
+        sources = _open_images(args.image)
+        if len(args.prompt) not in (1, len(sources)):
+            raise ValueError(f"give one instruction, or one per image ({len(sources)})")
+        prompts = args.prompt * len(sources) if len(args.prompt) == 1 else args.prompt
+        images = model.edit(sources, prompts, **kw)
+    _write_images(images, args.out, args.command)
+    return 0
+
+
+def _reconstruct(args) -> int:
+    _write_images(_load_model(args.model).reconstruct(_open_images(args.image), args.size), args.out, "reconstruction")
+    return 0
+
+
+def _understand(args) -> int:
+    print(_load_model(args.model).understand(_open_images([args.image])[0], args.question, args.max_new_tokens))
+    return 0
+
+
 def _demo(args) -> int:
     from jobs.demo import run_demo
 
@@ -105,6 +170,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="recipe name or YAML path (for show)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.lr=2e-4")
     p.set_defaults(func=_recipe)
+
+    p = sub.add_parser("model", help="model directories: create one from a preset")
+    p.add_argument("action", choices=["init"])
+    p.add_argument("--preset", default="tiny", help="tiny | unilip-1b | unilip-3b")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a ModelConfig field")
+    p.set_defaults(func=_model_init)
+
+    for name, text in (("generate", "text -> images"), ("edit", "image + instruction -> edited image")):
+        p = sub.add_parser(name, help=f"{text} (PNG files)")
+        p.add_argument("--model", required=True, help="model directory")
+        p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+        if name == "edit":
+            p.add_argument("--image", action="append", required=True, help="reference image (repeatable)")
+        else:
+            p.add_argument("--n", type=int, default=1, help="images per prompt")
+        p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 4.5)")
+        p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20)")
+        p.add_argument("--solver", choices=["euler", "dpm"], default=None)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--out", default="outputs", help="output directory")
+        p.set_defaults(func=_generate)
+
+    p = sub.add_parser("reconstruct", help="image -> UniLIP features -> pixels (PNG files)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--image", action="append", required=True)
+    p.add_argument("--size", type=int, default=448)
+    p.add_argument("--out", default="outputs")
+    p.set_defaults(func=_reconstruct)
+
+    p = sub.add_parser("understand", help="answer a question about an image (InternVL3 with the UniLIP encoder)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--question", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=_understand)
 
     p = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
     p.add_argument("--gen", type=int, default=64)

@@ -48,7 +48,8 @@ class ModelConfig:
     num_inference_steps: int = 20
     solver: Literal["euler", "dpm"] = "euler"
     shift: float = 3.0  # flow-matching timestep shift
-    init_from: str | None = None  # model directory (or recipe name) this stage starts from
+    latent_space: Literal["unilip", "dcae"] = "unilip"  # diffusion space: dcae in gen stage 1 (DiT frozen)
+    lpips_backbone: str | None = None  # AlexNet weights file; None: random backbone (tiny preset only)
 
 
 @dataclass

@@ -1,0 +1,359 @@
+"""UniLIP: one CLIP encoder for understanding, reconstruction, generation and editing.
+
+    model = UniLIP.from_preset("tiny")                  # or UniLIP.from_pretrained(DIR)
+    images = model.generate(["a red fox in the snow"], seed=0)
+    edited = model.edit([image], ["Make it black and white."], seed=0)
+    recon = model.reconstruct([image])
+    answer = model.understand(image, "What is in the picture?")
+    model.save_pretrained(DIR)
+
+Components (names used by recipes for `trainable`): encoder (InternViT + projector, the
+MLLM's own modules), down_proj, pixel_decoder (the DC-AE decoder), queries, connector,
+caption_projector, dit, discriminator. The LLM, the DC-AE encoder and the distillation
+teacher are always frozen.
+
+Checkpoint format: a directory with config.json (model config, the sources of the frozen
+parts, the latent space, which parts were trained), one safetensors file per saved
+component, and the tokenizer. UniLIP's own parts are always saved; pretrained parts
+(encoder, pixel_decoder, dit) once they were trained.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from unilip.config import ModelConfig, from_dict
+from unilip.encoder import PATCH_MULTIPLE, UniLIPEncoder, denormalize, normalize
+from unilip.generator import NULL_EDIT_PROMPT, NULL_GENERATION_PROMPT, Condition, DualConditionGenerator
+from unilip.losses import PatchDiscriminator, ReconstructionLoss, ReconstructionWeights
+from unilip.pixel_decoder import PixelDecoder
+from unilip.presets import Parts, Sources, build_parts, pretrained_parts
+from unilip.sampler import check_sampling_args, sample
+from unilip.tokenizer import SPECIAL_TOKENS
+
+FORMAT_VERSION = 1
+OWN_PARTS = ("down_proj", "queries", "connector", "caption_projector", "discriminator")
+PRETRAINED = ("encoder", "pixel_decoder", "dit")
+MIN_IMAGE_SIDE = 16
+MAX_PROMPT_TOKENS = 512
+OUTPUT_SIZE = 448  # generated and edited images (decoded at 512, resized)
+LATENT_SIDE = OUTPUT_SIZE // PATCH_MULTIPLE  # 16: 256 UniLIP tokens, or 512 px / DC-AE's 32
+
+
+class UniLIP(nn.Module):
+    def __init__(self, parts: Parts, cfg: ModelConfig, teacher: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.sources = parts.sources
+        self.tokenizer = parts.tokenizer
+        self.mllm = parts.mllm
+        inner = parts.mllm.model
+        width = inner.language_model.config.hidden_size
+        self.encoder = UniLIPEncoder(inner.vision_tower, inner.multi_modal_projector, parts.mllm.config.downsample_ratio)
+        # The teacher is the encoder as the sources have it, copied before any trained weights load.
+        self.teacher = copy.deepcopy(self.encoder) if teacher else None
+        self.pixel_decoder = PixelDecoder(width, parts.dcae)
+        self.generator = DualConditionGenerator(parts.mllm, parts.tokenizer, parts.dit, cfg.num_queries,
+                                                cfg.connector_layers, cfg.condition)  # fmt: skip
+        self.discriminator = PatchDiscriminator()
+        self.latent_space = cfg.latent_space
+        self.trained_parts: set[str] = set()
+        self.set_trainable([])
+
+    # ------------------------------------------------------------ construction
+
+    @classmethod
+    def from_preset(cls, preset: str = "tiny", cfg: ModelConfig | None = None, teacher: bool = False) -> UniLIP:
+        cfg = cfg or ModelConfig(preset=preset)
+        return cls(build_parts(preset), cfg, teacher)
+
+    def components(self) -> dict[str, nn.Module | nn.Parameter]:
+        g = self.generator
+        return {
+            "encoder": self.encoder,
+            "down_proj": self.pixel_decoder.down_proj,
+            "pixel_decoder": self.pixel_decoder.dcae.decoder,
+            "queries": g.queries,
+            "connector": g.connector,
+            "caption_projector": g.caption_projector,
+            "dit": g.dit,
+            "discriminator": self.discriminator,
+        }
+
+    def set_trainable(self, names: list[str]) -> None:
+        """Freeze everything, then unfreeze the named components (a recipe's `trainable`)."""
+        parts = self.components()
+        unknown = sorted(set(names) - set(parts))
+        if unknown:
+            raise ValueError(f"unknown component(s) {unknown}; trainable components: {', '.join(parts)}")
+        self.requires_grad_(False)
+        for name in names:
+            parts[name].requires_grad_(True)
+        self.trained_parts |= set(names)
+
+    def param_groups(self, lr_scales: dict[str, float] | None = None) -> list[dict]:
+        """Trainable parameters by component (the discriminator has its own optimizer)."""
+        lr_scales = lr_scales or {}
+        groups = []
+        for name, part in self.components().items():
+            params = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+            params = [p for p in params if p.requires_grad]
+            if params and name != "discriminator":
+                groups.append({"name": name, "params": params, "lr_scale": lr_scales.get(name, 1.0)})
+        return groups
+
+    # ---------------------------------------------------------------- training
+
+    def reconstruction_loss_fn(self, weights: dict[str, float], gan_start_step: int | None) -> ReconstructionLoss:
+        backbone = self.cfg.lpips_backbone
+        if backbone is None:
+            if self.cfg.preset != "tiny":
+                raise ValueError("model.lpips_backbone must name the AlexNet weights file for LPIPS on real presets")
+            backbone = "random"  # the tiny preset trains with a random LPIPS backbone
+        return ReconstructionLoss(ReconstructionWeights(**weights), backbone, gan_start_step)
+
+    def reconstruct_tensors(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """InternVL pixel values -> (reconstruction in [-1, 1], UniLIP features)."""
+        feats = self.encoder(pixel_values)
+        return self.pixel_decoder.decode(self.pixel_decoder.encode(feats), pixel_values.shape[-1]), feats
+
+    def reconstruction_terms(self, pixel_values: torch.Tensor, loss_fn: ReconstructionLoss, step: int) -> dict:
+        recon, feats = self.reconstruct_tensors(pixel_values)
+        target = denormalize(pixel_values) * 2 - 1
+        teacher_feats = None
+        if self.teacher is not None and loss_fn.weights.distill:
+            with torch.no_grad():
+                teacher_feats = self.teacher(pixel_values)
+        terms = loss_fn.generator_terms(recon, target, feats, teacher_feats, self.discriminator, step)
+        terms["recon"] = recon
+        return terms
+
+    @torch.no_grad()
+    def target_latent(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The diffusion target for images: DC-AE latent (gen stage 1) or UniLIP latent x factor."""
+        if self.latent_space == "dcae":
+            images = F.interpolate(denormalize(pixel_values) * 2 - 1, size=(512, 512), mode="bicubic", antialias=True)
+            dcae = self.pixel_decoder.dcae
+            return dcae.encode(images).latent * dcae.config.scaling_factor
+        return self.pixel_decoder.encode(self.encoder(pixel_values)) * self.sources.unilip_factor
+
+    def decode_latent(self, latent: torch.Tensor, size: int) -> torch.Tensor:
+        if self.latent_space == "dcae":
+            dcae = self.pixel_decoder.dcae
+            images = dcae.decode(latent / dcae.config.scaling_factor).sample
+            return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True)
+        return self.pixel_decoder.decode(latent / self.sources.unilip_factor, size)
+
+    def drop_prompts(self, prompts: list[str], editing: bool, rng: random.Random) -> list[str]:
+        """Classifier-free guidance training: replace a `cfg_drop_rate` share by the null prompt.
+
+        This is the one place the drop happens. Edits keep their reference image."""
+        null = NULL_EDIT_PROMPT if editing else NULL_GENERATION_PROMPT
+        return [null if rng.random() < self.cfg.cfg_drop_rate else p for p in prompts]
+
+    def generation_loss(self, prompts: list[str], target_pixels: torch.Tensor, ref_pixels: torch.Tensor | None = None,
+                        rng: random.Random | None = None, generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+        """Rectified-flow loss of one batch (generation, or editing when `ref_pixels` is given)."""
+        if rng is not None:
+            prompts = self.drop_prompts(prompts, ref_pixels is not None, rng)
+        ref = None
+        if ref_pixels is not None:
+            with torch.no_grad():
+                ref = self.encoder(ref_pixels)
+        cond = self.generator.condition_states(prompts, ref)
+        return self.generator.flow_loss(self.target_latent(target_pixels), cond, generator)
+
+    # --------------------------------------------------------------- inference
+
+    def preprocess(self, images, size: int) -> torch.Tensor:
+        """PIL images or uint8 arrays -> InternVL pixel values (B, 3, size, size), RGB-converted."""
+        tensors = [torch.from_numpy(np.array(to_rgb(im).resize((size, size), Image.Resampling.BICUBIC))) for im in images]
+        batch = torch.stack(tensors).permute(0, 3, 1, 2).float().div(255)
+        return normalize(batch).to(self.device, self.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.queries.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.generator.queries.dtype
+
+    def _check_prompts(self, prompts: list[str]) -> None:
+        if not prompts:
+            raise ValueError("no prompts given")
+        for p in prompts:
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError("prompt is empty")
+            if any(t in p for t in SPECIAL_TOKENS):
+                raise ValueError(f"prompt contains a reserved token ({', '.join(SPECIAL_TOKENS)})")
+            n = len(self.tokenizer.encode(p, add_special_tokens=False))
+            if n > MAX_PROMPT_TOKENS:
+                raise ValueError(f"prompt is {n} tokens long; the limit is {MAX_PROMPT_TOKENS}")
+
+    def _sample(self, cond: Condition, uncond: Condition, guidance_scale, steps, seed, solver) -> list[Image.Image]:
+        guidance_scale = self.cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
+        steps = self.cfg.num_inference_steps if steps is None else steps
+        check_sampling_args(guidance_scale, steps)
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        shape = (cond.states.shape[0], self.pixel_decoder.dcae.config.latent_channels, LATENT_SIDE, LATENT_SIDE)
+        latent = sample(self.generator.velocity, cond, uncond, shape, steps, guidance_scale,
+                        solver or self.cfg.solver, self.cfg.shift, gen)  # fmt: skip
+        return to_pil(self.decode_latent(latent, OUTPUT_SIZE))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], guidance_scale: float | None = None, steps: int | None = None,
+                 seed: int | None = None, solver: str | None = None) -> list[Image.Image]:  # fmt: skip
+        """Text -> 448x448 images, with classifier-free guidance against the null prompt."""
+        self._check_prompts(prompts)
+        g = self.generator
+        cond = g.condition_states(prompts)
+        uncond = g.condition_states([NULL_GENERATION_PROMPT] * len(prompts))
+        return self._sample(cond, uncond, guidance_scale, steps, seed, solver)
+
+    @torch.no_grad()
+    def edit(self, images: list, instructions: list[str], guidance_scale: float | None = None,
+             steps: int | None = None, seed: int | None = None, solver: str | None = None) -> list[Image.Image]:  # fmt: skip
+        """Reference images + instructions -> edited 448x448 images (the null prompt keeps the image)."""
+        self._check_prompts(instructions)
+        if len(images) != len(instructions):
+            raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
+        ref = self.encoder(self.preprocess(images, 448))
+        g = self.generator
+        cond = g.condition_states(instructions, ref)
+        uncond = g.condition_states([NULL_EDIT_PROMPT] * len(images), ref)
+        return self._sample(cond, uncond, guidance_scale, steps, seed, solver)
+
+    @torch.no_grad()
+    def reconstruct(self, images: list, size: int = 448) -> list[Image.Image]:
+        if size % PATCH_MULTIPLE:
+            raise ValueError(f"size must be a multiple of {PATCH_MULTIPLE}, got {size}")
+        recon, _ = self.reconstruct_tensors(self.preprocess(images, size))
+        return to_pil(recon)
+
+    @torch.no_grad()
+    def understand(self, image, question: str, max_new_tokens: int = 64) -> str:
+        """Answer a question about an image with InternVL3, the UniLIP encoder in place."""
+        from unilip.tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
+
+        self._check_prompts([question])
+        pixels = self.preprocess([image], 448)
+        n = self.mllm.config.image_seq_length
+        text = f"{IM_START}user\n{IMG_START}{IMG_CONTEXT * n}{IMG_END}\n{question}{IM_END}\n{IM_START}assistant\n"
+        ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], device=self.device)
+        out = self.mllm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+    # -------------------------------------------------------------- checkpoints
+
+    def saved_parts(self) -> list[str]:
+        return [*OWN_PARTS, *(p for p in PRETRAINED if p in self.trained_parts)]
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        parts = self.components()
+        for name in self.saved_parts():
+            part = parts[name]
+            state = {"queries": part.detach()} if isinstance(part, nn.Parameter) else part.state_dict()
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / f"{name}.safetensors"))
+        config = {
+            "format": "unilip",
+            "version": FORMAT_VERSION,
+            "model": asdict(self.cfg) | {"latent_space": self.latent_space},
+            "sources": asdict(self.sources),
+            "trained_parts": sorted(self.trained_parts),
+            "saved_parts": self.saved_parts(),
+        }
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        self.tokenizer.save_pretrained(str(out / "tokenizer"))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, teacher: bool = False) -> UniLIP:
+        model_dir = Path(model_dir)
+        try:
+            config = json.loads((model_dir / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{model_dir} is not a UniLIP model directory: {e}") from None
+        if config.get("format") != "unilip" or config.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{model_dir}: unsupported checkpoint format {config.get('format')!r} v{config.get('version')}")
+        cfg = from_dict(ModelConfig, config["model"])
+        sources = Sources(**config["sources"])
+        parts = build_parts("tiny") if sources.mllm == "tiny" else pretrained_parts(sources)
+        model = cls(parts, cfg, teacher)
+        model.trained_parts = set(config["trained_parts"])
+        model.load_parts(model_dir, config["saved_parts"])
+        return model
+
+    def load_parts(self, model_dir: str | Path, names: list[str]) -> None:
+        """Load the named components' safetensors from a model directory (strict)."""
+        from safetensors.torch import load_file
+
+        parts = self.components()
+        for name in names:
+            path = Path(model_dir) / f"{name}.safetensors"
+            if not path.exists():
+                raise FileNotFoundError(f"{path} missing: the checkpoint has no {name!r} weights")
+            state = load_file(str(path))
+            part = parts[name]
+            if isinstance(part, nn.Parameter):
+                part.data.copy_(state["queries"])
+            else:
+                part.load_state_dict(state, strict=True)
+
+    def load_reconstruction(self, recon_dir: str | Path) -> list[str]:
+        """Load the reconstruction-trained encoder and pixel decoder (explicitly, and say so)."""
+        config = json.loads((Path(recon_dir) / "config.json").read_text())
+        names = [n for n in ("encoder", "down_proj", "pixel_decoder") if n in config["saved_parts"]]
+        if "pixel_decoder" not in names:
+            raise ValueError(f"{recon_dir} holds no trained pixel decoder: not a reconstruction checkpoint")
+        self.load_parts(recon_dir, names)
+        self.trained_parts |= set(names)
+        return names
+
+
+def to_rgb(image) -> Image.Image:
+    """A PIL image or an HxW / HxWx3 uint8 array -> RGB PIL image; anything else is rejected."""
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+            image = Image.fromarray(image)
+        elif image.ndim == 2 and image.dtype == np.uint8:
+            image = Image.fromarray(image, mode="L")
+        else:
+            raise ValueError(f"image array must be HxWx3 (or HxW) uint8, got shape {image.shape} dtype {image.dtype}")
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"expected a PIL image or a uint8 array, got {type(image).__name__}")
+    if min(image.size) < MIN_IMAGE_SIDE:
+        raise ValueError(f"image of {image.size[0]}x{image.size[1]} is too small (at least {MIN_IMAGE_SIDE} px a side)")
+    if image.mode not in ("RGB", "L", "RGBA", "LA", "P", "CMYK", "YCbCr", "I;16", "I", "F"):
+        raise ValueError(f"unsupported image mode {image.mode!r}")
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    if image.mode in ("I;16", "I", "F"):
+        arr = np.asarray(image, dtype=np.float32)
+        arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-6) * 255
+        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]

@@ -1,0 +1,154 @@
+"""Model presets: a name -> factory registry of the pretrained parts UniLIP is built from.
+
+    parts = build_parts("tiny")          # random weights, small configs, seconds on CPU
+    parts = build_parts("unilip-1b")     # InternVL3-1B + SANA 600M + DC-AE (from_pretrained)
+
+Every part is a real `transformers`/`diffusers` class: the MLLM is
+`InternVLForConditionalGeneration` (InternViT + projector + Qwen2), the pixel decoder's
+backbone is `AutoencoderDC`, the DiT is `SanaTransformer2DModel`. Real presets load from
+hub ids, local directories or `s3://` prefixes (fetched through the project's S3 access
+point into a local cache); nothing is downloaded in tests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Sources:
+    """Where a preset's frozen and initial parts come from (recorded in checkpoints)."""
+
+    mllm: str
+    dit: str
+    dcae: str
+    unilip_factor: float  # latent scale for diffusion in UniLIP space
+
+
+@dataclass
+class Parts:
+    mllm: torch.nn.Module  # InternVLForConditionalGeneration
+    tokenizer: object
+    dcae: torch.nn.Module  # AutoencoderDC
+    dit: torch.nn.Module  # SanaTransformer2DModel
+    sources: Sources
+
+
+PRESETS: dict[str, Callable[[], Parts]] = {}
+
+
+def register(name: str):
+    def wrap(fn: Callable[[], Parts]) -> Callable[[], Parts]:
+        PRESETS[name] = fn
+        return fn
+
+    return wrap
+
+
+def build_parts(name: str) -> Parts:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
+
+
+# ----------------------------------------------------------------------------- tiny
+
+TINY_SEED = 1234  # the tiny preset's random weights are a function of this seed
+
+
+@register("tiny")
+def tiny() -> Parts:
+    """Small configs of the real classes, random weights (deterministic), the tokenizer fixture."""
+    from diffusers import AutoencoderDC, SanaTransformer2DModel
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    from unilip.tokenizer import IMG_CONTEXT, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    config = InternVLConfig(
+        vision_config=dict(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            image_size=[448, 448], patch_size=[14, 14],
+        ),
+        text_config=dict(
+            model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+            num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        ),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
+        image_seq_length=256,
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(TINY_SEED)
+        mllm = InternVLForConditionalGeneration(config)
+        dcae = AutoencoderDC(
+            latent_channels=32, attention_head_dim=8,
+            encoder_block_types="ResBlock", decoder_block_types="ResBlock",
+            encoder_block_out_channels=(8, 8, 16, 16, 32, 32), decoder_block_out_channels=(8, 8, 16, 16, 32, 32),
+            encoder_layers_per_block=(1, 1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1, 1),
+            encoder_qkv_multiscales=((),) * 6, decoder_qkv_multiscales=((),) * 6,
+            scaling_factor=0.5,
+        )
+        dit = SanaTransformer2DModel(
+            in_channels=32, out_channels=32, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+            num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32,
+            caption_channels=48, sample_size=16, patch_size=1,
+        )  # fmt: skip
+    mllm.eval(), dcae.eval(), dit.eval()
+    return Parts(mllm, tokenizer, dcae, dit, Sources(mllm="tiny", dit="tiny", dcae="tiny", unilip_factor=1.0))
+
+
+# ----------------------------------------------------------------------------- real
+
+
+def resolve_pretrained(source: str, cache_dir: str | Path | None = None) -> str:
+    """A hub id or local path as is; an `s3://` prefix fetched into a local cache first."""
+    from unilip.s3 import is_s3, s3_access
+
+    if not is_s3(source):
+        return source
+    s3 = s3_access()
+    root = Path(cache_dir or os.environ.get("UNILIP_CACHE", Path.home() / ".cache" / "unilip")) / source[5:]
+    for uri in s3.list_keys(source.rstrip("/") + "/"):
+        dest = root / uri[len(source.rstrip("/")) + 1 :]
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_suffix(dest.suffix + ".part")
+            tmp.write_bytes(s3.get_bytes(uri))
+            tmp.replace(dest)
+    if not root.exists():
+        raise FileNotFoundError(f"nothing under {source}")
+    return str(root)
+
+
+def pretrained_parts(sources: Sources, dtype=torch.float32) -> Parts:
+    """Load every part from its source (hub id, local directory or s3:// prefix)."""
+    from diffusers import AutoencoderDC, SanaTransformer2DModel
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    mllm_path = resolve_pretrained(sources.mllm)
+    return Parts(
+        mllm=InternVLForConditionalGeneration.from_pretrained(mllm_path, dtype=dtype).eval(),
+        tokenizer=AutoTokenizer.from_pretrained(mllm_path),
+        dcae=AutoencoderDC.from_pretrained(resolve_pretrained(sources.dcae), torch_dtype=dtype).eval(),
+        dit=SanaTransformer2DModel.from_pretrained(resolve_pretrained(sources.dit), subfolder="transformer", torch_dtype=dtype).eval(),
+        sources=sources,
+    )
+
+
+DCAE = "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"
+
+
+@register("unilip-1b")
+def unilip_1b() -> Parts:
+    return pretrained_parts(Sources("OpenGVLab/InternVL3-1B-hf", "Efficient-Large-Model/Sana_600M_512px_diffusers", DCAE, 10.6))
+
+
+@register("unilip-3b")
+def unilip_3b() -> Parts:
+    return pretrained_parts(Sources("OpenGVLab/InternVL3-2B-hf", "Efficient-Large-Model/Sana_1600M_512px_diffusers", DCAE, 9.5))
