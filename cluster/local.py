@@ -419,6 +419,7 @@ def _group_alive(pgid: int, zombies: bool = False) -> bool:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no obstacle
         try:
             s.bind((HOST, port))
             return True

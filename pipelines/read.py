@@ -1,7 +1,10 @@
-"""Reading webdataset shards with Ray Data, from S3 or a local directory.
+"""Reading webdataset sources with Ray Data, from S3 or a local directory.
 
-The shard list comes from the source's manifest.json; bytes stay undecoded in the read
-tasks (decoder=None), so decoding can run in `map_batches` where it scales.
+    ds = source_dataset("s3://bucket/blip3o/pretrain-long", "generation", s3, resolution=448)
+
+The shard list comes from the source's manifest.json. Read tasks stream raw bytes
+(`ShardDatasource`, no decoding); `map_batches` decodes (`SampleDecoder`), drops bad
+samples and counts them. Nothing is written to local disk.
 """
 
 from __future__ import annotations
@@ -16,9 +19,30 @@ def shard_uris(uri: str, s3: S3Access) -> list[str]:
 
 
 def read_shards(uri: str, s3: S3Access):
-    """A Ray Dataset of raw samples: `__key__` plus one bytes column per member extension."""
+    """A Ray Dataset of raw samples with Ray's own webdataset reader (`__key__` + one column per member)."""
     import ray.data
 
     fs, _ = s3.resolve(uri)
     paths = [s3.resolve(u)[1] for u in shard_uris(uri, s3)]
     return ray.data.read_webdataset(paths, filesystem=fs, decoder=None)
+
+
+def raw_dataset(uri: str, task: str, s3: S3Access, counter=None):
+    """Raw rows (key, url, text, image[, source], skip) that survive bad shards and storage faults."""
+    import ray.data
+
+    from pipelines.shard_source import ShardDatasource
+
+    uris = shard_uris(uri, s3)
+    return ray.data.read_datasource(ShardDatasource(uris, task, s3, counter=counter), override_num_blocks=len(uris))
+
+
+def source_dataset(uri: str, task: str, s3: S3Access, resolution: int, counter=None,
+                   batch_size: int = 32, concurrency: int | None = None):  # fmt: skip
+    """Decoded rows (key, prompt, image[, source]) of one source; bad samples dropped and counted
+    by reason in `counter` (a SkipCounter), which also counts `storage_retries`."""
+    from pipelines.decode import SampleDecoder
+
+    return raw_dataset(uri, task, s3, counter).map_batches(
+        SampleDecoder(task, resolution, counter), batch_size=batch_size, batch_format="numpy", concurrency=concurrency
+    )

@@ -13,6 +13,7 @@ endpoint (and throwaway credentials) through the environment.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -55,6 +56,12 @@ class S3Access:
     max_attempts: int
     connect_timeout: float
     read_timeout: float
+
+    def __getstate__(self):  # clients are rebuilt wherever the object lands (Ray tasks)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)  # frozen dataclass: bypass __setattr__
 
     # ------------------------------------------------------------------ builders
 
