@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from pipelines.decode import skip_counter
 from pipelines.mix import MixSource, TaskMixer, effective_weights
-from pipelines.read import source_dataset
+from pipelines.read import configure_data_context, source_dataset
 from pipelines.shards import read_manifest
 from unilip.config import DataConfig
 from unilip.s3 import S3Access
@@ -50,10 +50,7 @@ class Sources:
 
 def build_sources(cfg: DataConfig, s3: S3Access, counter_name: str | None = None) -> Sources:
     """One decoded, streaming Dataset per source, with its effective sampling weight."""
-    import ray
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # deterministic order under a seed
+    configure_data_context()  # deterministic order under a seed
     if not cfg.sources:
         raise ValueError("the recipe lists no data sources")
     manifests = {s.name: read_manifest(s.uri, s3) for s in cfg.sources}

@@ -13,6 +13,18 @@ from pipelines.shards import join, read_manifest
 from unilip.s3 import S3Access
 
 
+
+def configure_data_context(object_store_budget: int | None = None, preserve_order: bool = True) -> None:
+    """Ray Data settings for ingest: a fixed order (a seed fixes the sample order) and,
+    optionally, a cap on the bytes in flight (by default Ray Data's own budget)."""
+    import ray.data
+
+    options = ray.data.DataContext.get_current().execution_options
+    if object_store_budget is not None:
+        options.resource_limits = options.resource_limits.copy(object_store_memory=object_store_budget)
+    options.preserve_order = preserve_order
+
+
 def shard_uris(uri: str, s3: S3Access) -> list[str]:
     """The shards of a source, in manifest order."""
     return [join(uri, shard.path) for shard in read_manifest(uri, s3).shards]

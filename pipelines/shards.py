@@ -65,10 +65,13 @@ class ShardWriter:
     memory stays bounded by one sample. `close()` writes the manifest.
     """
 
-    def __init__(self, uri: str, s3: S3Access, prefix: str, task: str, shard_size: int = 1000):
+    def __init__(self, uri: str, s3: S3Access, prefix: str, task: str, shard_size: int = 1000,
+                 name: str | None = None, manifest: bool = True):  # fmt: skip
+        """`name`: one shard of that exact name (no numbering); `manifest`: write manifest.json on close."""
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
         self.uri, self.s3, self.prefix, self.shard_size = uri, s3, prefix, shard_size
+        self._fixed_name, self._write_manifest = name, manifest
         self.manifest = Manifest(task)
         self._fs, self._root = s3.resolve(uri)
         if not is_s3(uri):
@@ -76,7 +79,9 @@ class ShardWriter:
         self._stream = self._tar = None
 
     def _open_next(self) -> None:
-        name = f"{self.prefix}-{len(self.manifest.shards):06d}.tar"
+        name = self._fixed_name or f"{self.prefix}-{len(self.manifest.shards):06d}.tar"
+        if self._fixed_name and self.manifest.shards:
+            raise ValueError(f"shard {name} is full ({self.shard_size} samples)")
         self._stream = self._fs.open_output_stream(f"{self._root}/{name}")
         self._tar = tarfile.open(fileobj=self._stream, mode="w|", format=tarfile.USTAR_FORMAT)
         self.manifest.shards.append(ShardInfo(name, 0))
@@ -101,8 +106,9 @@ class ShardWriter:
 
     def close(self) -> Manifest:
         self._close_current()
-        with self._fs.open_output_stream(f"{self._root}/{MANIFEST}") as f:
-            f.write(self.manifest.to_json().encode())
+        if self._write_manifest:
+            with self._fs.open_output_stream(f"{self._root}/{MANIFEST}") as f:
+                f.write(self.manifest.to_json().encode())
         return self.manifest
 
     def __enter__(self) -> ShardWriter:

@@ -55,6 +55,25 @@ def _data_sample(args) -> int:
     return 0
 
 
+def _data_convert(args) -> int:
+    from cluster.connect import init_ray, quiet_ray_data
+    from pipelines.convert import convert
+    from unilip.s3 import s3_access
+
+    init_ray()
+    quiet_ray_data()
+    convert(args.source_format, args.src, args.out, s3_access(), args.shard_size, args.task)
+    return 0
+
+
+def _data_bench(args) -> int:
+    from pipelines.bench import run_bench
+    from unilip.s3 import s3_access
+
+    run_bench(args.src, s3_access(), args.resolution)
+    return 0
+
+
 def _recipe(args) -> int:
     from jobs.recipes import load_recipe, recipe_names
     from unilip.config import to_dict
@@ -155,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", choices=["bucket", "local"], default="bucket", help="where MLflow stores artifacts")
     p.set_defaults(func=_local)
 
-    data = sub.add_parser("data", help="datasets: sample builder").add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    data = sub.add_parser("data", help="datasets: sample builder, converters, benchmark").add_subparsers(dest="data_command", required=True, metavar="ACTION")
     p = data.add_parser("sample", help="write the sample dataset (real photos, real edits) as webdataset shards")
     p.add_argument("--out", required=True, help="s3://BUCKET/PREFIX or a directory")
     p.add_argument("--gen", type=int, default=200, help="generation samples (default 200)")
@@ -164,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=100, help="samples per shard (default 100)")
     p.add_argument("--size", type=int, default=1024, help="longest image side in pixels (default 1024)")
     p.set_defaults(func=_data_sample)
+    p = data.add_parser("convert", help="convert GPT-Image-Edit / ShareGPT-4o-Image / webdataset tars to shards (on Ray)")
+    p.add_argument("--from", dest="source_format", required=True, choices=["gpt-image-edit", "sharegpt-4o", "wds"])
+    p.add_argument("--src", required=True, help="source directory or s3:// prefix")
+    p.add_argument("--out", required=True, help="s3://BUCKET/PREFIX or a directory")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--task", choices=["generation", "editing"], default="generation", help="task of --from wds tars")
+    p.set_defaults(func=_data_convert)
+    p = data.add_parser("bench", help="images/s S3 -> tensors: Ray pipeline vs a plain single-process loop")
+    p.add_argument("--src", required=True, help="a source (directory or s3:// prefix with manifest.json)")
+    p.add_argument("--resolution", type=int, default=448)
+    p.set_defaults(func=_data_bench)
 
     p = sub.add_parser("recipe", help="training recipes: list them, show one with overrides")
     p.add_argument("action", choices=["list", "show"])

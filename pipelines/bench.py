@@ -1,0 +1,144 @@
+"""Data benchmark: S3 -> decoded, resized, normalised tensors, Ray pipeline vs a plain loop.
+
+    unilip data bench --src s3://unilip/bench/generation [--resolution 448]
+
+Both paths read the same shards through the same S3 access point and decode with the
+same function (PIL, draft mode for JPEG, shorter side to the resolution, centre crop),
+then normalise for InternVL into torch tensors. The plain loop is one process; the Ray
+pipeline is `source_dataset` consumed with `iter_batches`. Prints images/s for both,
+their ratio, images/s per core, and the peak memory of each run: proportional set size
+(PSS, shared pages counted once) of this process and, for Ray, of every Ray process,
+sampled every 0.2 s.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+
+
+class PeakRSS:
+    """Samples the summed PSS of this process (and, with `ray=True`, every Ray process)."""
+
+    def __init__(self, ray: bool = False, interval: float = 0.2):
+        import psutil
+
+        self.psutil, self.ray, self.interval = psutil, ray, interval
+        self.peak, self._stop = 0, threading.Event()
+
+    def _sample(self) -> int:
+        # PSS, not RSS: the object store's shared pages are counted once, not once per process.
+        me = self.psutil.Process()
+        total = me.memory_full_info().pss
+        if self.ray:
+            for p in self.psutil.process_iter(["name", "cmdline"]):
+                try:
+                    cmd = " ".join(p.info["cmdline"] or [])
+                    if p.pid != me.pid and ("ray::" in (p.info["name"] or "") or "ray/" in cmd or "ray::" in cmd):
+                        total += p.memory_full_info().pss
+                except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
+                    pass
+        return total
+
+    def __enter__(self):
+        def loop():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, self._sample())
+                time.sleep(self.interval)
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample())
+
+
+def _normalise(images: np.ndarray):
+    import torch
+
+    from unilip.encoder import normalize
+
+    return normalize(torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255))
+
+
+def plain_loop(uris: list[str], task: str, s3, resolution: int) -> int:
+    """One process: read each shard, decode every image, normalise in batches of 32."""
+    from pipelines.decode import BadSample, decode_image
+    from pipelines.shard_source import read_shard
+
+    images, count = [], 0
+    for uri in uris:
+        fs, path = s3.resolve(uri)
+        for row in read_shard(fs, path, uri, task):
+            for col in ("source", "image"):
+                if row.get(col):
+                    try:
+                        images.append(decode_image(row[col], resolution))
+                    except BadSample:
+                        continue
+            if len(images) >= 32:
+                count += len(_normalise(np.stack(images)))
+                images = []
+    if images:
+        count += len(_normalise(np.stack(images)))
+    return count
+
+
+def ray_pipeline(src: str, task: str, s3, resolution: int) -> int:
+    from pipelines.read import source_dataset
+
+    count = 0
+    for batch in source_dataset(src, task, s3, resolution).iter_batches(batch_size=32, batch_format="numpy"):
+        count += len(_normalise(batch["image"]))
+        if "source" in batch:
+            count += len(_normalise(batch["source"]))
+    return count
+
+
+def run_bench(src: str, s3, resolution: int = 448, log=print) -> dict:
+    from cluster.connect import init_ray, quiet_ray_data
+    from pipelines.read import configure_data_context, shard_uris
+    from pipelines.shards import read_manifest
+
+    task = read_manifest(src, s3).task
+    uris = shard_uris(src, s3)
+    cores = os.cpu_count() or 1
+    plain_loop(uris[:1], task, s3, resolution)  # warm-up: imports and first calls are not throughput
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        n_plain = plain_loop(uris, task, s3, resolution)
+        plain_s = time.perf_counter() - t0
+    plain_rss = rss.peak
+    ray = init_ray()
+    quiet_ray_data()
+    configure_data_context()
+    ray_pipeline(src, task, s3, resolution)  # warm-up: worker start-up is not throughput
+    with PeakRSS(ray=True) as rss:
+        t0 = time.perf_counter()
+        n_ray = ray_pipeline(src, task, s3, resolution)
+        ray_s = time.perf_counter() - t0
+    ray.shutdown()
+    result = {
+        "images": n_plain,
+        "plain_images_per_s": n_plain / plain_s,
+        "ray_images_per_s": n_ray / ray_s,
+        "ratio": (n_ray / ray_s) / (n_plain / plain_s),
+        "plain_per_core": n_plain / plain_s,
+        "ray_per_core": n_ray / ray_s / cores,
+        "plain_peak_rss_mb": plain_rss / 2**20,
+        "ray_peak_rss_mb": rss.peak / 2**20,
+        "cores": cores,
+    }
+    if n_ray != n_plain:
+        raise RuntimeError(f"the two paths decoded different numbers of images: {n_ray} vs {n_plain}")
+    log(f"[bench] {src}: {n_plain} images at {resolution} px, {cores} cores")
+    log(f"[bench] plain loop   {result['plain_images_per_s']:7.1f} images/s  ({result['plain_per_core']:.1f}/core, 1 core)  peak memory {result['plain_peak_rss_mb']:.0f} MB")
+    log(f"[bench] Ray pipeline {result['ray_images_per_s']:7.1f} images/s  ({result['ray_per_core']:.1f}/core)  peak memory {result['ray_peak_rss_mb']:.0f} MB (PSS, driver + Ray processes)")
+    log(f"[bench] ratio Ray / plain: {result['ratio']:.2f}x")
+    return result
