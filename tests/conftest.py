@@ -28,6 +28,17 @@ def s3(stack):
     return stack.s3()
 
 
+@pytest.fixture(scope="module")
+def ray_session(stack):
+    """A driver connected to the stack's Ray for the tests of one module."""
+    from cluster.connect import init_ray, quiet_ray_data
+
+    ray = init_ray()
+    quiet_ray_data()
+    yield ray
+    ray.shutdown()
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `unilip ARGS...` as a user would, in a child process."""
     return subprocess.run(

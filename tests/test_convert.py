@@ -6,20 +6,11 @@ import json
 import pytest
 from PIL import Image
 
-from cluster.connect import init_ray, quiet_ray_data
 from pipelines.convert import convert
 from pipelines.read import source_dataset
 from pipelines.sample_data import build_sample_dataset
 from pipelines.shards import ShardWriter, join
 from unilip.s3 import s3_access
-
-
-@pytest.fixture(scope="module")
-def ray_session(stack):
-    ray = init_ray()
-    quiet_ray_data()
-    yield ray
-    ray.shutdown()
 
 
 def _png(path, color):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.connect import init_ray, quiet_ray_data
 from pipelines.decode import decode_image, resize_crop, skip_counter
 from pipelines.ingest import build_sources, worker_mixer
 from pipelines.mix import MixSource, TaskMixer, collate
@@ -19,14 +18,6 @@ from pipelines.read import source_dataset
 from pipelines.sample_data import build_sample_dataset, generation_sample, editing_sample
 from pipelines.shards import Manifest, ShardInfo, ShardWriter, join
 from unilip.config import DataConfig, SourceConfig
-
-
-@pytest.fixture(scope="module")
-def ray_session(stack):
-    ray = init_ray()
-    quiet_ray_data()
-    yield ray
-    ray.shutdown()
 
 
 def _jpeg(size, color=(200, 30, 30)) -> bytes:
