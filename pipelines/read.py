@@ -15,8 +15,8 @@ from unilip.s3 import S3Access
 
 
 def configure_data_context(object_store_budget: int | None = None, preserve_order: bool = True) -> None:
-    """Ray Data settings for ingest: a fixed order (a seed fixes the sample order) and,
-    optionally, a cap on the bytes in flight (by default Ray Data's own budget)."""
+    """Ray Data settings for ingest: a fixed order (a seed fixes the sample order) and a
+    cap on the bytes in flight (None: Ray Data's own budget, a share of the object store)."""
     import ray.data
 
     options = ray.data.DataContext.get_current().execution_options
