@@ -4,8 +4,8 @@
     unilip demo --gen 64 --edit 32 --results demo-results
 
 Steps: start the embedded stack (Ray, S3, MLflow on 127.0.0.1); write the sample
-dataset into the local S3 bucket as webdataset shards; stream it back through a Ray
-Data read that decodes every image; log a run (params, metrics, a sample grid) to
+dataset into the local S3 bucket as webdataset shards; stream it back through the Ray
+Data pipeline that decodes every image; log a run (params, metrics, a sample grid) to
 MLflow; print what happened; stop every service.
 
 Results land in `--results` (default `demo-results/`): the sample grid, a summary, and
@@ -15,17 +15,16 @@ the run afterwards.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from cluster.connect import init_ray, quiet_ray_data
 from cluster.local import LocalStack
-from pipelines.read import read_shards
+from pipelines.decode import skip_counter
+from pipelines.read import source_dataset
 from pipelines.sample_data import build_sample_dataset
 from pipelines.shards import join
 
@@ -34,34 +33,9 @@ def _step(n: int, text: str) -> None:
     print(f"\n== [{n}/4] {text}", flush=True)
 
 
-def _decode_stats(batch: dict) -> dict:
-    """Decode every image of a batch of raw samples; report what was seen."""
-    image_cols = [c for c in batch if c.endswith(("jpg", "jpeg", "png", "webp"))]
-    sizes, pixels = [], []
-    for col in image_cols:
-        for data in batch[col]:
-            with Image.open(io.BytesIO(data)) as im:
-                im = im.convert("RGB")
-                sizes.append(im.size)
-                pixels.append(np.asarray(im.resize((8, 8))).mean())
-    n = len(batch["__key__"])
-    return {
-        "samples": np.array([n]),
-        "images": np.array([len(sizes)]),
-        "min_side": np.array([min(min(s) for s in sizes) if sizes else 0]),
-        "mean_pixel": np.array([float(np.mean(pixels)) if pixels else 0.0]),
-        "caption_chars": np.array([sum(len(t) for t in batch["txt"])]),
-    }
-
-
 def _sample_grid(rows: list[dict], path: Path, cell: int = 160) -> None:
-    """A PNG grid: generation images, then edit inputs next to their outputs."""
-    tiles = []
-    for row in rows:
-        for col in ("jpg", "input.jpg", "output.jpg"):
-            if row.get(col) is not None:
-                with Image.open(io.BytesIO(row[col])) as im:
-                    tiles.append(im.convert("RGB").resize((cell, cell)))
+    """A PNG grid of decoded rows: generation images, then edit inputs next to their outputs."""
+    tiles = [Image.fromarray(row[col]).resize((cell, cell)) for row in rows for col in ("source", "image") if col in row]
     cols = 6
     grid = Image.new("RGB", (cols * cell, -(-len(tiles) // cols) * cell), "white")
     for i, tile in enumerate(tiles):
@@ -88,28 +62,28 @@ def run_demo(n_gen: int = 64, n_edit: int = 32, size: int = 512, results: str = 
         keys = s3.list_keys(data_uri)
         print(f"   bucket now holds {len(keys)} objects under {data_uri}")
 
-        _step(3, "streaming the shards back through Ray Data (read_webdataset over s3://, decode in map_batches)")
+        _step(3, "streaming the shards back through Ray Data (read tasks over s3://, decode in map_batches)")
         ray = init_ray()
         quiet_ray_data()
-        read = {}
+        read, preview = {}, []
         for task, manifest in manifests.items():
             t0 = time.monotonic()
-            stats = read_shards(join(data_uri, task), s3).map_batches(_decode_stats, batch_size=16).to_pandas()
+            counter = skip_counter()
+            samples = images = 0
+            show = 6 if task == "generation" else 3  # grid rows: 6 images, then 3 edit pairs
+            for batch in source_dataset(join(data_uri, task), task, s3, 224, counter).iter_batches(batch_size=16, batch_format="numpy"):
+                take = min(show, len(batch["key"]))
+                preview += [{k: v[i] for k, v in batch.items()} for i in range(take)]
+                show -= take
+                samples += len(batch["key"])
+                images += len(batch["image"]) + len(batch.get("source", []))
             elapsed = time.monotonic() - t0
-            read[task] = {
-                "samples": int(stats["samples"].sum()),
-                "images": int(stats["images"].sum()),
-                "min_side": int(stats["min_side"].min()),
-                "images_per_s": float(stats["images"].sum() / elapsed),
-                "expected": manifest.samples,
-            }
-            print(f"   {task}: {read[task]['samples']}/{manifest.samples} samples, {read[task]['images']} images decoded "
-                  f"({read[task]['images_per_s']:.0f} images/s)")  # fmt: skip
-            if read[task]["samples"] != manifest.samples:
-                raise RuntimeError(f"{task}: read {read[task]['samples']} samples, wrote {manifest.samples}")
-        preview = []
-        for task in manifests:
-            preview += read_shards(join(data_uri, task), s3).take(6 if task == "generation" else 3)
+            read[task] = {"samples": samples, "images": images, "images_per_s": images / elapsed,
+                          "expected": manifest.samples, "skipped": ray.get(counter.get.remote())}  # fmt: skip
+            print(f"   {task}: {samples}/{manifest.samples} samples, {images} images decoded to 224 px "
+                  f"({read[task]['images_per_s']:.0f} images/s), skipped: {read[task]['skipped'] or 'none'}")  # fmt: skip
+            if samples != manifest.samples:
+                raise RuntimeError(f"{task}: read {samples} samples, wrote {manifest.samples}")
         grid = out_dir / "samples.png"
         _sample_grid(preview, grid)
         ray.shutdown()

@@ -30,15 +30,6 @@ def shard_uris(uri: str, s3: S3Access) -> list[str]:
     return [join(uri, shard.path) for shard in read_manifest(uri, s3).shards]
 
 
-def read_shards(uri: str, s3: S3Access):
-    """A Ray Dataset of raw samples with Ray's own webdataset reader (`__key__` + one column per member)."""
-    import ray.data
-
-    fs, _ = s3.resolve(uri)
-    paths = [s3.resolve(u)[1] for u in shard_uris(uri, s3)]
-    return ray.data.read_webdataset(paths, filesystem=fs, decoder=None)
-
-
 def raw_dataset(uri: str, task: str, s3: S3Access, counter=None):
     """Raw rows (key, url, text, image[, source], skip) that survive bad shards and storage faults."""
     import ray.data

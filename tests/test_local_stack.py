@@ -6,7 +6,7 @@ import numpy as np
 
 from cluster.connect import init_ray
 from cluster.local import SERVICES, LocalStack, pid_alive
-from pipelines.read import read_shards
+from pipelines.read import raw_dataset
 from pipelines.sample_data import build_sample_dataset
 from tests.conftest import run_cli
 
@@ -29,14 +29,14 @@ def test_ray_data_streams_shards_from_the_bucket(stack, s3):
     try:
         nodes = ray.nodes()
         assert [n["NodeManagerAddress"] for n in nodes] == ["127.0.0.1"]  # joined the stack's Ray
-        gen = read_shards(f"{uri}/generation", s3).take_all()
-        edit = read_shards(f"{uri}/editing", s3).take_all()
+        gen = raw_dataset(f"{uri}/generation", "generation", s3).take_all()
+        edit = raw_dataset(f"{uri}/editing", "editing", s3).take_all()
     finally:
         ray.shutdown()
-    assert sorted(r["__key__"] for r in gen) == [f"gen{i:08d}" for i in range(9)]
+    assert sorted(r["key"] for r in gen) == [f"gen{i:08d}" for i in range(9)]
     assert manifests["generation"].samples == 9
-    assert {k for k in edit[0] if not k.startswith("__")} >= {"input.jpg", "output.jpg", "txt"}
-    assert all(isinstance(r["jpg"], bytes) and r["jpg"][:2] == b"\xff\xd8" for r in gen)  # raw JPEG bytes
+    assert len(edit) == 4 and all(r["source"][:2] == r["image"][:2] == b"\xff\xd8" for r in edit)  # raw JPEG bytes
+    assert all(r["image"][:2] == b"\xff\xd8" and r["text"] and not r["skip"] for r in gen)
 
 
 def test_mlflow_run_with_artifacts_in_the_bucket(stack, s3, tmp_path):
