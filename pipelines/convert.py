@@ -58,7 +58,7 @@ def _key(*parts) -> str:
     return "-".join(str(p) for p in parts).replace(".", "_").replace("/", "_")
 
 
-def gpt_image_edit_items(src: str, s3: S3Access, log=print):
+def gpt_image_edit_items(src: str, s3: S3Access):
     """(annotation file, items) per file: items are (key, task, {member: uri | text})."""
     for ann in _list(s3, src, ".json"):
         data = json.loads(_read(s3, ann))
@@ -74,7 +74,7 @@ def gpt_image_edit_items(src: str, s3: S3Access, log=print):
         yield ann, "editing", items, skipped
 
 
-def sharegpt_4o_items(src: str, s3: S3Access, log=print):
+def sharegpt_4o_items(src: str, s3: S3Access):
     for name, task in (("text_to_image.json", "generation"), ("text_and_image_to_image.json", "editing")):
         data = json.loads(_read(s3, join(src, name)))
         items, skipped = [], Counter()
@@ -205,25 +205,25 @@ def convert(fmt: str, src: str, out: str, s3: S3Access, shard_size: int = 1000, 
             done[uri] = {u.rsplit("/", 1)[-1].removesuffix(".json") for u in _list(s3, uri, ".tar.json")}
         return done[uri]
 
-    def submit(ref, uri, t):
+    def submit(ref):
         pending.append(ref)
-        tasks_of[uri] = t
         while len(pending) >= max_in_flight:
             _, rest = ray.wait(pending, num_returns=1)
             pending[:] = rest
 
     resumed = 0
     if fmt == "wds":
+        tasks_of[out] = task
         finished = {u.rsplit("/", 1)[-1] for u in _list(s3, out, ".done")}
         for tar in _list(s3, src, ".tar"):
             if f"_{_key(PurePosixPath(tar).stem)}.done" in finished:
                 resumed += 1
                 continue
-            submit(remote_reshard.remote(out, s3, tar, task, shard_size), out, task)
+            submit(remote_reshard.remote(out, s3, tar, task, shard_size))
     else:
         items_of = gpt_image_edit_items if fmt == "gpt-image-edit" else sharegpt_4o_items
         counters: Counter = Counter()
-        for ann, item_task, items, bad in items_of(src, s3, log):
+        for ann, item_task, items, bad in items_of(src, s3):
             skipped.update(bad)
             uri = dest(item_task)
             tasks_of[uri] = item_task
@@ -234,7 +234,7 @@ def convert(fmt: str, src: str, out: str, s3: S3Access, shard_size: int = 1000, 
                 if name in existing(uri):
                     resumed += 1
                     continue
-                submit(remote_write.remote(uri, s3, name, item_task, items[start : start + shard_size]), uri, item_task)
+                submit(remote_write.remote(uri, s3, name, item_task, items[start : start + shard_size]))
             log(f"[convert] {ann}: {len(items)} items queued")
     ray.get(pending)
     manifests = {}

@@ -31,6 +31,7 @@ TEMPLATES = {"generation": "{text}", "editing": "{text}"}
 
 class BadSample(ValueError):
     def __init__(self, reason: str):
+        assert reason in SKIP_REASONS, reason  # one vocabulary for every count the trainer logs
         super().__init__(reason)
         self.reason = reason
 

@@ -47,7 +47,7 @@ class _Cursor:
     """Rows of one source, batch by batch, across epochs."""
 
     def __init__(self, source: MixSource):
-        self.source, self.epoch, self.rows_served = source, 0, 0
+        self.source, self.epoch = source, 0
         self._it, self._batch, self._pos = source.batches(), None, 0
 
     def take(self, n: int) -> dict:
@@ -59,7 +59,6 @@ class _Cursor:
             parts.append({c: v[self._pos : self._pos + k] for c, v in self._batch.items()})
             self._pos += k
             n -= k
-        self.rows_served += sum(len(p["key"]) for p in parts)
         return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
 
     def _next_batch(self) -> dict:
