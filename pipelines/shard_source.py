@@ -7,7 +7,7 @@ Raw bytes only: decoding happens later, in `map_batches`.
 Failure handling, per shard:
 - a transient storage error (connection refused, timeout, 5xx) is retried by reopening
   the object at the current offset with exponential backoff, so no sample is lost;
-- a shard that stays unreadable, or a tar that is truncated or corrupt, ends that
+- a shard that stays unreadable (a missing object after a few tries), or a tar that is truncated or corrupt, ends that
   shard: the samples read so far are kept and one row with `skip` = "unreadable_shard"
   or "truncated_tar" reports the rest.
 
@@ -32,9 +32,11 @@ READ_BLOCK_BYTES = 8 * 1024 * 1024
 class ResilientReader(io.RawIOBase):
     """Sequential reads of one object; on a storage error, reopen at the offset and retry."""
 
-    def __init__(self, open_file, name: str, attempts: int = 8, base_delay: float = 0.5, max_delay: float = 8.0):
+    def __init__(self, open_file, name: str, attempts: int = 8, base_delay: float = 0.5, max_delay: float = 8.0,
+                 missing_attempts: int = 4):  # fmt: skip
         self._open, self.name = open_file, name
         self.attempts, self.base_delay, self.max_delay = attempts, base_delay, max_delay
+        self.missing_attempts = min(missing_attempts, attempts)
         self._file, self._pos = None, 0
         self.retries = 0
 
@@ -52,11 +54,14 @@ class ResilientReader(io.RawIOBase):
                 buffer[: len(data)] = data
                 self._pos += len(data)
                 return len(data)
-            except (FileNotFoundError, PermissionError):
+            except PermissionError:
                 raise  # permanent: retrying cannot help
-            except OSError:
+            except OSError as e:
+                # A shard the manifest lists but the store does not show (yet) is given a
+                # few tries (a store coming back from an outage, replication lag), not all.
                 self._file = None
-                if attempt == self.attempts - 1:
+                limit = self.missing_attempts if isinstance(e, FileNotFoundError) else self.attempts
+                if attempt >= limit - 1:
                     raise
                 self.retries += 1
                 time.sleep(delay)
