@@ -1,6 +1,6 @@
 """Data benchmark: S3 -> decoded, resized, normalised tensors, Ray pipeline vs a plain loop.
 
-    unilip data bench --src s3://unilip/bench/generation [--resolution 448]
+    unilip data bench --src s3://unilip/bench/generation [--resolution 448] [--inflight-mb 96]
 
 Both paths read the same shards through the same S3 access point and decode with the
 same function (PIL, draft mode for JPEG, shorter side to the resolution, centre crop),
@@ -18,6 +18,8 @@ import threading
 import time
 
 import numpy as np
+
+from unilip.config import DataConfig
 
 
 class PeakRSS:
@@ -101,7 +103,7 @@ def ray_pipeline(src: str, task: str, s3, resolution: int) -> int:
     return count
 
 
-def run_bench(src: str, s3, resolution: int = 448, log=print) -> dict:
+def run_bench(src: str, s3, resolution: int = 448, inflight_mb: int | None = DataConfig.inflight_mb, log=print) -> dict:
     from cluster.connect import init_ray, quiet_ray_data
     from pipelines.read import configure_data_context, shard_uris
     from pipelines.shards import read_manifest
@@ -117,7 +119,7 @@ def run_bench(src: str, s3, resolution: int = 448, log=print) -> dict:
     plain_rss = rss.peak
     ray = init_ray()
     quiet_ray_data()
-    configure_data_context()
+    configure_data_context(inflight_mb)
     ray_pipeline(src, task, s3, resolution)  # warm-up: worker start-up is not throughput
     with PeakRSS(ray=True) as rss:
         t0 = time.perf_counter()
@@ -137,7 +139,8 @@ def run_bench(src: str, s3, resolution: int = 448, log=print) -> dict:
     }
     if n_ray != n_plain:
         raise RuntimeError(f"the two paths decoded different numbers of images: {n_ray} vs {n_plain}")
-    log(f"[bench] {src}: {n_plain} images at {resolution} px, {cores} cores")
+    budget = "Ray Data default" if inflight_mb is None else f"{inflight_mb} MB"
+    log(f"[bench] {src}: {n_plain} images at {resolution} px, {cores} cores, in-flight budget {budget}")
     log(f"[bench] plain loop   {result['plain_images_per_s']:7.1f} images/s  ({result['plain_per_core']:.1f}/core, 1 core)  peak memory {result['plain_peak_rss_mb']:.0f} MB")
     log(f"[bench] Ray pipeline {result['ray_images_per_s']:7.1f} images/s  ({result['ray_per_core']:.1f}/core)  peak memory {result['ray_peak_rss_mb']:.0f} MB (PSS, driver + Ray processes)")
     log(f"[bench] ratio Ray / plain: {result['ratio']:.2f}x")

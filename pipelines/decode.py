@@ -89,7 +89,7 @@ class SampleDecoder:
 
     def __call__(self, batch: dict) -> dict:
         res = self.resolution
-        keys, prompts, images, sources = [], [], [], []
+        keep, prompts, images, sources = [], [], [], []
         skipped: Counter = Counter()
         for i in range(len(batch["key"])):
             try:
@@ -102,7 +102,7 @@ class SampleDecoder:
             except BadSample as e:
                 skipped[e.reason] += 1
                 continue
-            keys.append(batch["key"][i])
+            keep.append(i)
             prompts.append(prompt)
             images.append(image)
             if self.task == "editing":
@@ -110,7 +110,9 @@ class SampleDecoder:
         if skipped and self.counter is not None:
             self.counter.add.remote(dict(skipped))
         out = {
-            "key": np.array(keys, dtype=object),
+            "key": np.asarray(batch["key"])[keep].astype(object),
+            "url": np.asarray(batch["url"])[keep].astype(object),
+            "index": np.asarray(batch["index"], dtype=np.int64)[keep],
             "prompt": np.array(prompts, dtype=object),
             "image": np.stack(images) if images else np.zeros((0, res, res, 3), np.uint8),
         }

@@ -1,14 +1,18 @@
 """Training ingest: a recipe's data sources as Ray Datasets, and each worker's mixed batches.
 
-Driver side (passed to a Ray Train `TorchTrainer(datasets=...)`, which gives every
-worker its `streaming_split` of each):
+Driver side (`TorchTrainer(datasets=...)` gives every worker its `streaming_split` of each):
 
     data = build_sources(recipe.data, s3)          # {name: Dataset}, weights, tasks, counter
 
+For a resumable run, `dataset_factories` gives two datasets per source, built afresh each
+time Ray Train (re)starts the workers: `NAME` (whole epochs) and `NAME.rest` (what the
+latest checkpoint's epoch has not consumed yet; see `pipelines.position`).
+
 Worker side:
 
-    mixer = worker_mixer(data.plan, {n: ray.train.get_dataset_shard(n) for n in data.plan},
-                         batch_size=16, mode="single_task", seed=0)
+    mixer = worker_mixer(plan, {n: get_dataset_shard(n) for n in plan},
+                         {n: get_dataset_shard(n + ".rest") for n in plan}, batch_size=16,
+                         mode="single_task", seed=0, state=mixer_state_from_checkpoint)
     for batch in mixer: batch = collate(batch) ...
 
 Nothing is materialised: each source streams shard by shard from S3 for every epoch.
@@ -17,13 +21,17 @@ Nothing is materialised: each source streams shard by shard from S3 for every ep
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from pipelines.decode import skip_counter
 from pipelines.mix import MixSource, TaskMixer, effective_weights
+from pipelines.position import Position
 from pipelines.read import configure_data_context, source_dataset
 from pipelines.shards import read_manifest
 from unilip.config import DataConfig
 from unilip.s3 import S3Access
+
+REST = ".rest"
 
 
 @dataclass
@@ -48,9 +56,8 @@ class Sources:
         return out
 
 
-def build_sources(cfg: DataConfig, s3: S3Access, counter_name: str | None = None) -> Sources:
-    """One decoded, streaming Dataset per source, with its effective sampling weight."""
-    configure_data_context()  # deterministic order under a seed
+def plan_sources(cfg: DataConfig, s3: S3Access) -> dict[str, SourcePlan]:
+    """Each source's task, effective sampling weight and size, from the manifests."""
     if not cfg.sources:
         raise ValueError("the recipe lists no data sources")
     manifests = {s.name: read_manifest(s.uri, s3) for s in cfg.sources}
@@ -58,18 +65,56 @@ def build_sources(cfg: DataConfig, s3: S3Access, counter_name: str | None = None
         if manifests[s.name].task != s.task:
             raise ValueError(f"source {s.name!r} is declared {s.task} but {s.uri} holds {manifests[s.name].task} shards")
     weights = effective_weights(cfg.sources, {n: m.samples for n, m in manifests.items()})
+    return {s.name: SourcePlan(s.task, weights[s.name], manifests[s.name].samples) for s in cfg.sources}
+
+
+def build_sources(cfg: DataConfig, s3: S3Access, counter_name: str | None = None) -> Sources:
+    """One decoded, streaming Dataset per source, with its effective sampling weight."""
+    configure_data_context(cfg.inflight_mb)  # bounded memory; deterministic order under a seed
+    plan = plan_sources(cfg, s3)
     counter = skip_counter(counter_name)
     datasets = {s.name: source_dataset(s.uri, s.task, s3, cfg.resolution, counter) for s in cfg.sources}
-    plan = {s.name: SourcePlan(s.task, weights[s.name], manifests[s.name].samples) for s in cfg.sources}
     return Sources(datasets, plan, counter)
 
 
+def dataset_factories(cfg: DataConfig, s3: S3Access, counter, position: Callable[[], Position]) -> dict[str, Callable]:
+    """Ray Train dataset callables: NAME and NAME.rest per source. `position()` returns the
+    data position of the checkpoint the workers will resume from (empty for a new run)."""
+
+    def whole(src):
+        return lambda: _dataset(cfg, s3, src, counter, None)
+
+    def rest(src):
+        return lambda: _dataset(cfg, s3, src, counter, position().done.get(src.name, {}))
+
+    out = {}
+    for src in cfg.sources:
+        out[src.name], out[src.name + REST] = whole(src), rest(src)
+    return out
+
+
+def _dataset(cfg: DataConfig, s3: S3Access, src, counter, done):
+    configure_data_context(cfg.inflight_mb)  # runs where Ray Train builds the datasets
+    return source_dataset(src.uri, src.task, s3, cfg.resolution, counter, done=done)
+
+
 def worker_mixer(plan: dict[str, SourcePlan], iterators: dict, batch_size: int, mode: str, seed: int,
-                 read_batch_size: int = 32, prefetch_batches: int = 2) -> TaskMixer:  # fmt: skip
-    """A TaskMixer over this worker's split iterators (DataIterator per source)."""
+                 read_batch_size: int = 32, prefetch_batches: int = 2, rest: dict | None = None,
+                 state: dict | None = None) -> TaskMixer:  # fmt: skip
+    """A TaskMixer over this worker's split iterators (DataIterator per source). With `rest`
+    and `state` (a resume), each source first finishes its interrupted epoch from `rest`."""
 
-    def epochs(it):
-        return lambda: iter(it.iter_batches(batch_size=read_batch_size, batch_format="numpy", prefetch_batches=prefetch_batches))
+    def epochs(name):
+        first = [rest[name]] if rest and state else []
 
-    sources = [MixSource(name, p.task, p.weight, epochs(iterators[name])) for name, p in plan.items()]
-    return TaskMixer(sources, batch_size, mode, seed)
+        def next_epoch():
+            it = first.pop() if first else iterators[name]
+            return iter(it.iter_batches(batch_size=read_batch_size, batch_format="numpy", prefetch_batches=prefetch_batches))
+
+        return next_epoch
+
+    sources = [MixSource(name, p.task, p.weight, epochs(name)) for name, p in plan.items()]
+    mixer = TaskMixer(sources, batch_size, mode, seed)
+    if state:
+        mixer.load_state(state)
+    return mixer

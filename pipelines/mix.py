@@ -51,12 +51,13 @@ class _Cursor:
         self._it, self._batch, self._pos = source.batches(), None, 0
 
     def take(self, n: int) -> dict:
-        parts = []
+        parts, self.row_epochs = [], []
         while n:
             if self._batch is None or self._pos >= len(self._batch["key"]):
                 self._batch, self._pos = self._next_batch(), 0
             k = min(n, len(self._batch["key"]) - self._pos)
             parts.append({c: v[self._pos : self._pos + k] for c, v in self._batch.items()})
+            self.row_epochs += [self.epoch] * k
             self._pos += k
             n -= k
         return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
@@ -72,8 +73,13 @@ class _Cursor:
         raise RuntimeError(f"data source {self.source.name!r} yields no samples")
 
 
+COLUMNS = ("key", "prompt", "task", "image", "source", "url", "index", "origin", "epoch")
+
+
 class TaskMixer:
-    """Yields batches of `batch_size` rows: key, prompt, task, image, source (zeros for generation)."""
+    """Yields batches of `batch_size` rows: key, prompt, task, image, source (zeros for
+    generation), and where each row came from: url and index in its shard, origin (the
+    source's name) and epoch (of that source)."""
 
     def __init__(self, sources: list[MixSource], batch_size: int, mode: str = "single_task", seed: int = 0):
         if mode not in ("single_task", "mixed"):
@@ -113,20 +119,40 @@ class TaskMixer:
         parts = []
         for s in candidates:  # a fixed order: the batch layout depends on the seed only
             if counts[s.name]:
-                part = self.cursors[s.name].take(counts[s.name])
+                cursor = self.cursors[s.name]
+                part = cursor.take(counts[s.name])
                 part["task"] = np.array([s.task] * counts[s.name], dtype=object)
+                part["origin"] = np.array([s.name] * counts[s.name], dtype=object)
+                part["epoch"] = np.array(cursor.row_epochs[-counts[s.name] :])
                 if "source" not in part:
                     part["source"] = np.zeros_like(part["image"])
                 parts.append(part)
                 self.served[s.task] += counts[s.name]
-        return {c: np.concatenate([p[c] for p in parts]) for c in ("key", "prompt", "task", "image", "source")}
+        return {c: np.concatenate([p[c] for p in parts]) for c in COLUMNS}
 
     def __iter__(self):
         while True:
             yield self.next_batch()
 
     def state(self) -> dict:
-        return {"served": dict(self.served), "epochs": {n: c.epoch for n, c in self.cursors.items()}}
+        """What a resume needs to continue the same sequence: RNG, credits, counts, epochs."""
+        version, internal, gauss = self.rng.getstate()
+        return {
+            "rng": [version, list(internal), gauss],
+            "credit": dict(self.credit),
+            "served": dict(self.served),
+            "epochs": {n: c.epoch for n, c in self.cursors.items()},
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Continue from `state`. Cursors start their epoch from scratch: the caller's
+        epoch factories supply the rest of the interrupted epoch first."""
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.credit.update(state["credit"])
+        self.served = Counter(state["served"])
+        for name, epoch in state["epochs"].items():
+            self.cursors[name].epoch = epoch
 
 
 def collate(batch: dict, device=None, dtype=None) -> dict:

@@ -11,7 +11,8 @@ Failure handling, per shard:
   shard: the samples read so far are kept and one row with `skip` = "unreadable_shard"
   or "truncated_tar" reports the rest.
 
-Rows have a fixed schema per task: `key`, `url`, `text` (raw bytes), `image` (the
+Rows have a fixed schema per task: `key`, `url`, `index` (position in the shard),
+`text` (raw bytes), `image` (the
 generation image, or the edit target `output.jpg`), `source` (edit input, editing
 only) and `skip` (empty, or the reason a row must be dropped).
 """
@@ -102,8 +103,8 @@ def iter_samples(stream, url: str):
         yield key, members
 
 
-def sample_row(key: str, url: str, members: dict[str, bytes], task: str) -> dict:
-    row = {"key": key, "url": url, "text": members.get("txt"), "skip": ""}
+def sample_row(key: str, url: str, index: int, members: dict[str, bytes], task: str) -> dict:
+    row = {"key": key, "url": url, "index": index, "text": members.get("txt"), "skip": ""}
     if task == "editing":
         row["image"], row["source"] = members.get("output.jpg"), members.get("input.jpg")
     else:
@@ -112,21 +113,26 @@ def sample_row(key: str, url: str, members: dict[str, bytes], task: str) -> dict
 
 
 def error_row(url: str, reason: str, task: str) -> dict:
-    row = {"key": "", "url": url, "text": None, "image": None, "skip": reason}
+    row = {"key": "", "url": url, "index": -1, "text": None, "image": None, "skip": reason}
     if task == "editing":
         row["source"] = None
     return row
 
 
-def read_shard(fs, path: str, url: str, task: str, attempts: int = 8, stats: dict | None = None):
+def read_shard(fs, path: str, url: str, task: str, attempts: int = 8, stats: dict | None = None, done=()):
     """Rows of one shard (see the module doc); never raises for storage or tar errors.
 
-    `stats["storage_retries"]` counts the reads that were retried after a storage error."""
+    `index` is the sample's position in the shard; samples whose index is in `done`
+    (consumed before a resume) are passed over. `stats["storage_retries"]` counts the
+    reads that were retried after a storage error."""
     reader = ResilientReader(lambda: fs.open_input_file(path), url, attempts=attempts)
     try:
         stream = io.BufferedReader(reader, buffer_size=READ_BLOCK_BYTES)
-        for key, members in iter_samples(stream, url):
-            yield error_row(url, members, task) if not key else sample_row(key, url, members, task)
+        for index, (key, members) in enumerate(iter_samples(stream, url)):
+            if not key:
+                yield error_row(url, members, task)
+            elif index not in done:
+                yield sample_row(key, url, index, members, task)
     except OSError:  # could not even open it
         yield error_row(url, "unreadable_shard", task)
     finally:
@@ -138,20 +144,25 @@ def read_shard(fs, path: str, url: str, task: str, attempts: int = 8, stats: dic
 def _schema(task: str):
     import pyarrow as pa
 
-    fields = [("key", pa.string()), ("url", pa.string()), ("text", pa.binary()), ("skip", pa.string()), ("image", pa.binary())]
+    fields = [("key", pa.string()), ("url", pa.string()), ("index", pa.int32()), ("text", pa.binary()),
+              ("skip", pa.string()), ("image", pa.binary())]  # fmt: skip
     if task == "editing":
         fields.append(("source", pa.binary()))
     return pa.schema(fields)
 
 
 class ShardDatasource(Datasource):
-    """Ray Data read tasks over a list of shard URIs (one task per contiguous group of shards)."""
+    """Ray Data read tasks over a list of shard URIs (one task per contiguous group of shards).
 
-    def __init__(self, uris: list[str], task: str, s3, rows_per_block: int = 64, attempts: int = 8, counter=None):
+    `done` ({url: Intervals}) holds samples consumed before a resume: they are passed over."""
+
+    def __init__(self, uris: list[str], task: str, s3, rows_per_block: int = 16, attempts: int = 8, counter=None,
+                 done: dict | None = None):  # fmt: skip
         if task not in ("generation", "editing"):
             raise ValueError(f"task must be 'generation' or 'editing', got {task!r}")
         self.uris, self.task, self.s3 = list(uris), task, s3
         self.rows_per_block, self.attempts, self.counter = rows_per_block, attempts, counter
+        self.done = done or {}
 
     def estimate_inmemory_data_size(self):
         return None
@@ -165,6 +176,7 @@ class ShardDatasource(Datasource):
 
     def _reader(self, uris: list[str]):
         s3, task, rows_per_block, attempts, counter = self.s3, self.task, self.rows_per_block, self.attempts, self.counter
+        done = {u: self.done[u] for u in uris if u in self.done}
 
         def read():
             import pyarrow as pa
@@ -174,7 +186,7 @@ class ShardDatasource(Datasource):
             for uri in uris:
                 fs, path = s3.resolve(uri)
                 stats: dict = {}
-                for row in read_shard(fs, path, uri, task, attempts, stats):
+                for row in read_shard(fs, path, uri, task, attempts, stats, done.get(uri, ())):
                     rows.append(row)
                     if len(rows) >= rows_per_block:
                         yield pa.Table.from_pylist(rows, schema=schema)

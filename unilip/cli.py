@@ -17,6 +17,8 @@ import argparse
 import shlex
 import sys
 
+from unilip.config import DataConfig
+
 
 def _local(args) -> int:
     from cluster.local import LocalStack
@@ -70,7 +72,7 @@ def _data_bench(args) -> int:
     from pipelines.bench import run_bench
     from unilip.s3 import s3_access
 
-    run_bench(args.src, s3_access(), args.resolution)
+    run_bench(args.src, s3_access(), args.resolution, None if args.inflight_mb == 0 else args.inflight_mb)
     return 0
 
 
@@ -88,6 +90,28 @@ def _recipe(args) -> int:
     import yaml
 
     print(yaml.safe_dump(to_dict(load_recipe(args.name, args.set)), sort_keys=False), end="")
+    return 0
+
+
+def _train(args) -> int:
+    from jobs.train import run_all, run_stage
+
+    common = dict(preset=args.preset, workers=args.workers, gpu=args.gpu, overrides=args.set, storage=args.storage,
+                  cpus_per_worker=args.cpus_per_worker)  # fmt: skip
+    if args.recipe == "all":
+        if args.from_uri or args.run_name:
+            raise ValueError("--from and --run-name apply to one stage, not to `train all`")
+        uri = run_all(**common)
+    else:
+        uri = run_stage(args.recipe, init_from=args.from_uri, run_name=args.run_name, **common)
+    if args.export_dir:
+        import shutil
+
+        from unilip.artifacts import fetch_model
+
+        shutil.copytree(fetch_model(uri), args.export_dir, dirs_exist_ok=True)
+        print(f"model directory: {args.export_dir}")
+    print(uri)
     return 0
 
 
@@ -193,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("bench", help="images/s S3 -> tensors: Ray pipeline vs a plain single-process loop")
     p.add_argument("--src", required=True, help="a source (directory or s3:// prefix with manifest.json)")
     p.add_argument("--resolution", type=int, default=448)
+    p.add_argument("--inflight-mb", type=int, default=DataConfig.inflight_mb,
+                   help=f"object-store MB in flight (default {DataConfig.inflight_mb}; 0: Ray Data's default)")  # fmt: skip
     p.set_defaults(func=_data_bench)
 
     p = sub.add_parser("recipe", help="training recipes: list them, show one with overrides")
@@ -200,6 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="recipe name or YAML path (for show)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.lr=2e-4")
     p.set_defaults(func=_recipe)
+
+    p = sub.add_parser("train", help="train a stage (or `all` of them) on the Ray cluster: Ray Train + DeepSpeed")
+    p.add_argument("recipe", help="recipe name (unilip recipe list) or `all` for the whole chain")
+    p.add_argument("--preset", default="tiny", help="tiny | unilip-1b | unilip-3b (tiny also picks the recipe's tiny variant)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl, bf16)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field, e.g. train.zero_stage=3")
+    p.add_argument("--from", dest="from_uri", help="start from this model: DIR, s3://..., models:/NAME/VERSION")
+    p.add_argument("--run-name", help="run name (default RECIPE-PRESET); the same name resumes")
+    p.add_argument("--storage", help="checkpoint storage (default s3://$UNILIP_BUCKET/runs)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: 1 with GPUs, else half the cluster's CPUs shared)")
+    p.add_argument("--export-dir", help="also copy the final model directory here")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("model", help="model directories: create one from a preset")
     p.add_argument("action", choices=["init"])

@@ -67,6 +67,11 @@ class DataConfig:
     batch_mode: Literal["single_task", "mixed"] = "single_task"
     shuffle_buffer: int = 1000
     seed: int = 0
+    # Object-store bytes each source's pipeline keeps in flight (None: Ray Data's default
+    # share of the object store). Bounds memory: peak use stops growing with dataset size.
+    inflight_mb: int | None = 96
+    eval_uri: str | None = None  # held-out generation source for reconstruction metrics
+    eval_samples: int = 64
 
 
 @dataclass
@@ -86,10 +91,16 @@ class TrainConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)
     gan_start_step: int | None = None  # None: no adversarial loss
     precision: Literal["fp32", "bf16"] = "bf16"
-    zero_stage: int = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2
     checkpoint_every: int = 1000
+    keep_checkpoints: int = 2  # the newest K stay in storage
     eval_every: int = 1000
+    log_every: int = 10
+    max_failures: int = 3  # worker failures survived by resuming from the last checkpoint
+    fid_inception: str | None = None  # Inception-v3 weights (safetensors) for rFID; None: no rFID
     seed: int = 0
+    # Testing recovery: rank 1 kills its own process (SIGKILL) once, when this step begins.
+    fault_step: int | None = None
 
 
 @dataclass
@@ -104,6 +115,8 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     s3: S3Config = field(default_factory=S3Config)
+    # Named partial recipes merged over this one, e.g. `tiny`: CPU-sized steps and data.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

@@ -127,14 +127,17 @@ class UniLIP(nn.Module):
         feats = self.encoder(pixel_values)
         return self.pixel_decoder.decode(self.pixel_decoder.encode(feats), pixel_values.shape[-1]), feats
 
-    def reconstruction_terms(self, pixel_values: torch.Tensor, loss_fn: ReconstructionLoss, step: int) -> dict:
+    def reconstruction_terms(self, pixel_values: torch.Tensor, loss_fn: ReconstructionLoss, step: int,
+                             discriminator: nn.Module | None = None) -> dict:  # fmt: skip
+        """Loss terms of one batch. `discriminator`: one trained outside this module (default: ours)."""
         recon, feats = self.reconstruct_tensors(pixel_values)
         target = denormalize(pixel_values) * 2 - 1
         teacher_feats = None
         if self.teacher is not None and loss_fn.weights.distill:
             with torch.no_grad():
                 teacher_feats = self.teacher(pixel_values)
-        terms = loss_fn.generator_terms(recon, target, feats, teacher_feats, self.discriminator, step)
+        critic = discriminator if discriminator is not None else self.discriminator
+        terms = loss_fn.generator_terms(recon, target, feats, teacher_feats, critic, step)
         terms["recon"] = recon
         return terms
 
@@ -284,7 +287,8 @@ class UniLIP(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, teacher: bool = False) -> UniLIP:
+    def from_pretrained(cls, model_dir: str | Path, teacher: bool = False, cfg: ModelConfig | None = None) -> UniLIP:
+        """Load a model directory. `cfg` replaces its saved model config (a next training stage's)."""
         model_dir = Path(model_dir)
         try:
             config = json.loads((model_dir / "config.json").read_text())
@@ -292,7 +296,7 @@ class UniLIP(nn.Module):
             raise ValueError(f"{model_dir} is not a UniLIP model directory: {e}") from None
         if config.get("format") != "unilip" or config.get("version") != FORMAT_VERSION:
             raise ValueError(f"{model_dir}: unsupported checkpoint format {config.get('format')!r} v{config.get('version')}")
-        cfg = from_dict(ModelConfig, config["model"])
+        cfg = cfg or from_dict(ModelConfig, config["model"])
         sources = Sources(**config["sources"])
         parts = build_parts("tiny") if sources.mllm == "tiny" else pretrained_parts(sources)
         model = cls(parts, cfg, teacher)

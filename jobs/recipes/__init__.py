@@ -1,8 +1,14 @@
-"""Training recipes: one YAML file per stage in this directory, loaded as `Recipe`."""
+"""Training recipes: one YAML file per stage in this directory, loaded as `Recipe`.
+
+A recipe may carry `variants`: partial recipes merged over it by name. Every recipe has
+`tiny`, the CPU-sized version (the tiny preset, the sample dataset, a few steps).
+"""
 
 from pathlib import Path
 
-from unilip.config import ConfigError, Recipe, load_yaml
+import yaml
+
+from unilip.config import ConfigError, Recipe, apply_overrides, from_dict
 
 RECIPE_DIR = Path(__file__).parent
 
@@ -11,11 +17,30 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
-    """A recipe by name (`recon-stage1`) or YAML path, with `key=value` overrides."""
+def merge(base: dict, over: dict) -> dict:
+    """Deep-merge mappings; lists and scalars in `over` replace those in `base`."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None, variant: str | None = None) -> Recipe:
+    """A recipe by name (`recon-stage1`) or YAML path, with a variant merged in, then overrides."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = RECIPE_DIR / f"{name_or_path}.yaml"
         if not path.exists():
             raise ConfigError(f"unknown recipe {name_or_path!r}; available: {', '.join(recipe_names())}")
-    return load_yaml(Recipe, path, overrides)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read recipe {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if variant is not None:
+        variants = data.get("variants") or {}
+        if variant not in variants:
+            raise ConfigError(f"recipe {data.get('name', path.stem)!r} has no variant {variant!r}; it has: {', '.join(variants) or 'none'}")
+        data = merge(data, variants[variant])
+    return apply_overrides(from_dict(Recipe, data), overrides or [])

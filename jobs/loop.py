@@ -1,0 +1,300 @@
+"""The one training loop: every stage, on every Ray Train worker, under DeepSpeed.
+
+Started by `jobs/train.py` (`unilip train RECIPE`), which passes the recipe, the run's
+storage and tracking settings and the data plan as `config`. Per optimizer step:
+
+    for each of `accumulation` micro batches:      (global = workers x micro x accumulation)
+        batch <- this worker's mixer over its streaming splits of the sources
+        loss  <- StageNet: reconstruction terms, or the rectified-flow loss
+        engine.backward(loss); engine.step()       (DeepSpeed: ZeRO, clipping, bf16)
+        the discriminator's own step, when the adversarial loss is on
+    EMA update; samples of the step recorded as consumed
+    every log_every: metrics (rank 0 -> MLflow), a progress line
+    every eval_every: PSNR/SSIM or sample grids; every checkpoint_every: a checkpoint
+At the end the EMA weights are exported as a model directory and registered in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from jobs.checkpoint import DS_TAG, SafeCheckpointEngine, load_critic, load_rng_state, rng_state, save_critic
+from jobs.optim import EMA, adamw_groups, deepspeed_config, gathered, gradient_accumulation, lr_at, set_lr
+from unilip.config import Recipe, S3Config, from_dict
+from unilip.model import UniLIP
+
+
+class StageNet(nn.Module):
+    """What DeepSpeed trains: the model, whose forward is the stage's loss on one micro batch.
+
+    The discriminator is not a submodule: it has its own optimizer, outside DeepSpeed."""
+
+    def __init__(self, model: UniLIP, recipe: Recipe, critic: nn.Module | None):
+        super().__init__()
+        self.model, self.kind, self.critic = model, recipe.kind, [critic]
+        if self.kind == "reconstruction":
+            self.recon_loss = model.reconstruction_loss_fn(recipe.train.loss_weights, recipe.train.gan_start_step)
+
+    def forward(self, batch: dict, step: int, rng: random.Random, generator: torch.Generator) -> dict:
+        if self.kind == "reconstruction":
+            return self.model.reconstruction_terms(batch["pixel_values"], self.recon_loss, step, self.critic[0])
+        total, terms = 0.0, {}
+        for task in ("generation", "editing"):
+            rows = [i for i, t in enumerate(batch["task"]) if t == task]
+            if not rows:
+                continue
+            prompts = [batch["prompt"][i] for i in rows]
+            ref = batch["source_pixel_values"][rows] if task == "editing" else None
+            loss = self.model.generation_loss(prompts, batch["pixel_values"][rows], ref, rng, generator)
+            terms[f"flow_{task}"] = loss
+            total = total + loss * len(rows) / len(batch["task"])
+        terms["loss"] = total
+        return terms
+
+
+def build_model(recipe: Recipe, init_from: str | None, s3) -> UniLIP:
+    """The stage's starting point: the previous stage's export, or the preset's sources."""
+    from unilip.artifacts import fetch_model
+
+    teacher = recipe.train.loss_weights.get("distill", 0.0) > 0
+    if init_from:
+        return UniLIP.from_pretrained(fetch_model(init_from, s3), teacher=teacher, cfg=recipe.model)
+    return UniLIP.from_preset(recipe.model.preset, recipe.model, teacher=teacher)
+
+
+def train_loop(config: dict) -> None:
+    import deepspeed
+    import ray
+    import ray.train
+
+    from jobs.evaluate import evaluate, load_eval_images
+    from jobs.tracking import Tracker, image_grid
+    from pipelines.ingest import REST, SourcePlan, worker_mixer
+    from pipelines.mix import collate
+    from pipelines.position import Position
+    from unilip.s3 import s3_access
+
+    recipe: Recipe = from_dict(Recipe, config["recipe"])
+    tc = recipe.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    s3 = s3_access(from_dict(S3Config, config["s3"]))
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    torch.manual_seed(tc.seed)  # identical initial weights on every worker
+    model = build_model(recipe, config["init_from"], s3)
+    model.set_trainable(tc.trainable)
+    groups = adamw_groups(model.param_groups(tc.lr_scales), tc.weight_decay)
+    critic = model.discriminator
+    model.discriminator = None  # trained by its own optimizer; put back for export
+    net = StageNet(model, recipe, critic if "discriminator" in tc.trainable else None).to(device)
+    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas))
+    engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=deepspeed_config(tc, world))
+    engine.checkpoint_engine = SafeCheckpointEngine()
+    critic_opt = None
+    if net.critic[0] is not None:
+        critic.to(device)
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
+    ema = EMA(trainable, tc.ema_decay)
+    accumulation = gradient_accumulation(tc, world)
+
+    # Sampling randomness (CFG drops, noise, timesteps) differs per worker, and is checkpointed.
+    rng = random.Random(tc.seed * 1000 + rank)
+    generator = torch.Generator().manual_seed(tc.seed * 1000 + rank)
+    step, run_id, mixer_state, position = 0, None, None, Position()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            d = Path(d)
+            engine.load_checkpoint(str(d), tag=DS_TAG, load_module_strict=False)
+            state = json.loads((d / "train_state.json").read_text())
+            step, run_id, mixer_state = state["step"], state["mlflow_run_id"], state["mixer"]
+            position = Position(state["position"])
+            from safetensors.torch import load_file
+
+            ema.load_state_dict(load_file(str(d / "ema.safetensors")))
+            if critic_opt is not None:
+                load_critic(d / "critic.safetensors", critic, critic_opt)
+            rng_file = d / f"rng-{rank}.json"
+            if rng_file.exists():  # the same number of workers as before
+                load_rng_state(json.loads(rng_file.read_text()), rng, generator)
+        log(f"[{recipe.name}] resumed from step {step} ({checkpoint.path})")
+
+    plan = {n: SourcePlan(**p) for n, p in config["plan"].items()}
+    shards = {n: ray.train.get_dataset_shard(n) for n in plan}
+    rest = {n: ray.train.get_dataset_shard(n + REST) for n in plan}
+    mixer = worker_mixer(plan, shards, tc.micro_batch, recipe.data.batch_mode, recipe.data.seed,
+                         read_batch_size=tc.micro_batch, rest=rest, state=mixer_state)  # fmt: skip
+    counter = config["counter"]
+
+    tracker = None
+    if rank == 0:
+        tracker = Tracker(config["tracking_uri"], config["experiment"], config["run_name"], run_id, config["recipe"])
+        run_id = tracker.run_id
+    eval_images = None
+    if recipe.data.eval_uri and tc.eval_every:
+        eval_images = load_eval_images(recipe.data.eval_uri, s3, recipe.data.eval_samples, recipe.data.resolution)
+
+    def run_eval(at: int) -> None:
+        engine.eval()
+        metrics, rows = evaluate(model, recipe.kind, eval_images, seed=tc.seed)
+        engine.train()
+        if tracker:
+            tracker.metrics(metrics, at)
+            tracker.image(image_grid(rows), f"eval/step-{at:08d}.png")
+            if metrics:
+                log(f"[{recipe.name}] eval step {at}: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items()))
+
+    def save_checkpoint(at: int) -> None:
+        states = [None] * world
+        dist.all_gather_object(states, position.state())
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            engine.save_checkpoint(str(out), tag=DS_TAG, exclude_frozen_parameters=True)
+            (out / f"rng-{rank}.json").write_text(json.dumps(rng_state(rng, generator)))
+            if rank == 0:
+                from safetensors.torch import save_file
+
+                state = {"step": at, "mlflow_run_id": run_id, "mixer": mixer.state(),
+                         "position": Position.merged(states).state(), "recipe": recipe.name}  # fmt: skip
+                (out / "train_state.json").write_text(json.dumps(state))
+                save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(out / "ema.safetensors"))
+                if critic_opt is not None:
+                    save_critic(out / "critic.safetensors", critic, critic_opt)
+            ray.train.report({"step": at}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"step-{at:08d}")  # fmt: skip
+        log(f"[{recipe.name}] checkpoint step-{at:08d}")
+
+    engine.train()
+    started, first_step, samples = time.perf_counter(), step, 0
+    while step < tc.steps:
+        maybe_fault(config, tc.fault_step, step, rank, world, s3)
+        set_lr(optimizer, lr_at(step, tc))
+        if critic_opt is not None:
+            set_lr(critic_opt, lr_at(step, tc))
+        totals: dict[str, float] = {}
+        consumed = []
+        for _ in range(accumulation):
+            raw = mixer.next_batch()
+            consumed.append(raw)
+            batch = collate(raw, device=device, dtype=engine.module.model.dtype)
+            critic_on = critic_opt is not None and net.recon_loss.gan_active(step)
+            if critic_opt is not None:
+                critic.requires_grad_(False)  # the generator's adversarial term must not train it
+            terms = engine(batch, step, rng, generator)
+            engine.backward(terms["loss"])
+            engine.step()
+            if critic_on:
+                critic.requires_grad_(True)
+                target = batch["pixel_values"]
+                d_loss = net.recon_loss.discriminator_loss(terms["recon"].float(), denorm_target(target), critic)
+                (d_loss / accumulation).backward()
+                terms["critic"] = d_loss
+            for k, v in terms.items():
+                if k != "recon":
+                    totals[k] = totals.get(k, 0.0) + float(v.detach()) / accumulation
+        if critic_opt is not None and net.recon_loss.gan_active(step):
+            critic_step(critic, critic_opt, tc.grad_clip, world)
+        ema.update()
+        for raw in consumed:
+            for source in plan:
+                rows = raw["origin"] == source
+                if rows.any():
+                    position.consume(source, int(raw["epoch"][rows][0]), raw["url"][rows], raw["index"][rows])
+        step += 1
+        samples += tc.global_batch
+        if step % tc.log_every == 0 or step == tc.steps:
+            elapsed = time.perf_counter() - started
+            rate = samples / elapsed
+            grad_norm = engine.get_global_grad_norm()
+            metrics = {f"train/{k}": v for k, v in totals.items()}
+            metrics |= {"train/lr": lr_at(step - 1, tc), "train/samples_per_s": rate}
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            if tracker:
+                skips = ray.get(counter.get.remote())
+                metrics |= {f"data/skipped/{k}": v for k, v in skips.items()}
+                tracker.metrics(metrics, step)
+            eta = (tc.steps - step) * elapsed / max(1, step - first_step)
+            log(f"[{recipe.name}] step {step}/{tc.steps}  loss {totals['loss']:.4f}  lr {metrics['train/lr']:.2e}  "
+                f"{rate:.1f} samples/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")  # fmt: skip
+        if eval_images is not None and (step % tc.eval_every == 0 or step == tc.steps):
+            run_eval(step)
+        if step % tc.checkpoint_every == 0 or step == tc.steps:
+            save_checkpoint(step)
+
+    model.discriminator = critic
+    export(config, recipe, engine, model, ema, tracker, rank)
+    dist.barrier()
+    if tracker:
+        tracker.end()
+
+
+def denorm_target(pixel_values: torch.Tensor) -> torch.Tensor:
+    from unilip.encoder import denormalize
+
+    return denormalize(pixel_values).float() * 2 - 1
+
+
+def critic_step(critic: nn.Module, optimizer, grad_clip: float, world: int) -> None:
+    """Average the discriminator's gradients over workers, clip, step."""
+    grads = [p.grad for p in critic.parameters() if p.grad is not None]
+    if world > 1 and grads:
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+    torch.nn.utils.clip_grad_norm_(critic.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def export(config: dict, recipe: Recipe, engine, model: UniLIP, ema: EMA, tracker, rank: int) -> None:
+    """EMA weights -> a model directory, registered in MLflow with its lineage (rank 0)."""
+    with gathered(list(engine.module.parameters())):
+        if rank == 0:
+            ema.copy_to_params()
+            with tempfile.TemporaryDirectory() as tmp:
+                out = model.save_pretrained(Path(tmp) / "model")
+                lineage = {"stage": recipe.name, "run": config["run_name"], "run_id": tracker.run_id,
+                           "from": config["init_from"] or f"preset:{recipe.model.preset}", "steps": str(recipe.train.steps),
+                           "summary": f"{recipe.name} ({recipe.description}), run {config['run_name']}"}  # fmt: skip
+                uri = tracker.register(out, config["model_name"], lineage)
+            tracker.loss_plot()
+            print(f"[{recipe.name}] exported EMA weights: {uri}")
+
+
+def maybe_fault(config: dict, fault_step: int | None, step: int, rank: int, world: int, s3) -> None:
+    """Recovery testing: one worker kills its own process, once per run, as `fault_step` begins."""
+    if fault_step is None or step != fault_step or rank != min(1, world - 1):
+        return
+    marker = f"{config['storage']}/{config['run_name']}/fault-{fault_step}.done"
+    if marker.startswith("s3://"):
+        if s3.list_keys(marker):
+            return
+        s3.put_bytes(marker, b"killed")
+    else:
+        path = Path(marker)
+        if path.exists():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("killed")
+    print(f"[fault] rank {rank}: SIGKILL at step {step}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+

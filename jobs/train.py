@@ -1,0 +1,168 @@
+"""Training jobs on Ray: one stage (`unilip train RECIPE`) or the whole chain (`unilip train all`).
+
+    eval "$(unilip local env)"                      # or RAY_ADDRESS / AWS_* / MLFLOW_* of a real cluster
+    unilip data sample --out s3://$UNILIP_BUCKET/sample
+    unilip data sample --out s3://$UNILIP_BUCKET/sample-eval --gen 8 --edit 0 --seed 1
+    unilip train recon-stage1 --preset tiny --workers 2
+    unilip train all --preset tiny --workers 2 --export-dir ./unilip-tiny
+    unilip train gen-stage2 --preset unilip-1b --workers 16 --gpu --from models:/unilip-1b-gen-stage1/1
+
+A stage is a Ray Train `TorchTrainer` running `jobs.loop.train_loop` on every worker.
+Checkpoints go to STORAGE/RUN_NAME/step-N (S3 through the project's access point);
+running again with the same run name resumes from the newest one, and a worker failure
+resumes automatically (up to `train.max_failures`). The run name defaults to
+`RECIPE-PRESET`. Each stage registers its export as `unilip-PRESET-RECIPE` in MLflow; a
+stage without `--from` starts from the newest registered export of the stage it follows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from jobs.recipes import load_recipe, recipe_names
+from pipelines.position import Position
+from unilip.config import ConfigError, Recipe, to_dict
+from unilip.s3 import S3Access, s3_access
+
+EXPERIMENT = "unilip-training"
+
+
+def model_name(preset: str, recipe: str) -> str:
+    return f"unilip-{preset}-{recipe}"
+
+
+def expand(uri: str | None, what: str) -> str | None:
+    """`$VAR` / `${VAR}` in a data URI from the environment; unset variables are an error."""
+    if uri is None:
+        return None
+    out = os.path.expandvars(uri)
+    missing = re.findall(r"\$\{?(\w+)", out)
+    if missing:
+        raise ConfigError(f"{what} {uri!r} uses ${missing[0]}, which is not set (eval \"$(unilip local env)\"?)")
+    return out
+
+
+def prepare(name: str, preset: str, overrides: list[str]) -> Recipe:
+    recipe = load_recipe(name, [f"model.preset={preset}", *overrides], variant="tiny" if preset == "tiny" else None)
+    for src in recipe.data.sources:
+        src.uri = expand(src.uri, f"data source {src.name}")
+    recipe.data.eval_uri = expand(recipe.data.eval_uri, "data.eval_uri")
+    if recipe.train.zero_stage == 3 and recipe.data.batch_mode != "single_task" and recipe.kind == "generation":
+        raise ConfigError("train.zero_stage 3 needs data.batch_mode single_task (every worker must run the same modules each step)")
+    return recipe
+
+
+def latest_position(storage: str, run_name: str, s3: S3Access) -> Position:
+    """The data position of the checkpoint Ray Train resumes this run from (empty if none)."""
+    from ray.train import Result
+
+    fs, path = s3.resolve(f"{storage}/{run_name}")
+    try:
+        checkpoint = Result.from_path(path, storage_filesystem=fs).checkpoint
+    except RuntimeError:  # no such run yet
+        return Position()
+    if checkpoint is None:
+        return Position()
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/train_state.json") as f:
+        return Position(json.loads(f.read())["position"])
+
+
+def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = False, overrides: list[str] | None = None,
+              init_from: str | None = None, run_name: str | None = None, storage: str | None = None,
+              cpus_per_worker: float | None = None, log=print) -> str:  # fmt: skip
+    """Train one stage to completion (resuming if the run exists); returns the registered model URI."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cluster.connect import init_ray, quiet_ray_data
+    from jobs.loop import train_loop
+    from jobs.optim import gradient_accumulation
+    from jobs.tracking import latest_model
+    from pipelines.decode import skip_counter
+    from pipelines.ingest import dataset_factories, plan_sources
+
+    recipe = prepare(name, preset, overrides or [])
+    gradient_accumulation(recipe.train, workers)  # refuse a batch that does not divide before starting
+    s3 = s3_access(recipe.s3)
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if init_from is None and recipe.after:
+        init_from = latest_model(tracking_uri, model_name(preset, recipe.after))
+        if init_from is None:
+            raise ConfigError(f"{name} starts from {recipe.after}'s export: run `unilip train {recipe.after} --preset {preset}` "
+                              f"first, or pass --from DIR|s3://...|models:/...")  # fmt: skip
+    storage = (storage or expand("s3://${UNILIP_BUCKET}/runs", "storage")).rstrip("/")
+    run_name = run_name or f"{name}-{preset}"
+
+    env = s3.env() | {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "AWS_", "UNILIP_"))}
+    init_ray(runtime_env={"env_vars": env})
+    quiet_ray_data()
+    if cpus_per_worker is None:  # leave half the CPUs to the data pipeline on CPU-only clusters
+        cpus_per_worker = 1.0 if gpu else min(1.0, ray.cluster_resources().get("CPU", 2) / (2 * workers))
+    plan = plan_sources(recipe.data, s3)
+    counter = skip_counter(f"unilip-skips-{run_name}")
+    fs, storage_path = s3.resolve(storage)
+    log(f"[{name}] preset {preset}, {workers} workers x {cpus_per_worker:g} CPU{' + GPU' if gpu else ''}, "
+        f"from {init_from or 'the preset'}; run {run_name} at {storage}/{run_name}")  # fmt: skip
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "recipe": to_dict(recipe), "s3": to_dict(recipe.s3), "init_from": init_from, "run_name": run_name,
+            "storage": storage, "tracking_uri": tracking_uri, "experiment": EXPERIMENT, "counter": counter,
+            "plan": {n: vars(p) for n, p in plan.items()}, "model_name": model_name(preset, name),
+        },  # fmt: skip
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=recipe.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
+        ),  # fmt: skip
+        datasets=dataset_factories(recipe.data, s3, counter, lambda: latest_position(storage, run_name, s3)),
+    )
+    trainer.fit()
+    registered = registered_model(tracking_uri, run_name)
+    log(f"[{name}] done: {registered}")
+    return registered
+
+
+def registered_model(tracking_uri: str | None, run_name: str) -> str:
+    import mlflow
+
+    from jobs.tracking import RUN_TAG
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", output_format="list")
+    uri = runs[0].data.tags.get("unilip.registered") if runs else None
+    if not uri:
+        raise RuntimeError(f"run {run_name} finished without registering a model")
+    return uri
+
+
+def chain() -> list[str]:
+    """Every recipe in training order (each after the one it starts from)."""
+    recipes = {n: load_recipe(n) for n in recipe_names()}
+    order, done = [], set()
+    while len(order) < len(recipes):
+        ready = [n for n, r in sorted(recipes.items()) if n not in done and (r.after is None or r.after in done)]
+        if not ready:
+            raise ConfigError(f"recipes {sorted(set(recipes) - done)} form a cycle or follow an unknown recipe")
+        nxt = min(ready, key=lambda n: (recipes[n].kind != "reconstruction", n))
+        order.append(nxt)
+        done.add(nxt)
+    return order
+
+
+def run_all(preset: str = "tiny", workers: int = 2, gpu: bool = False, overrides: list[str] | None = None,
+            storage: str | None = None, cpus_per_worker: float | None = None, log=print) -> str:  # fmt: skip
+    """The whole chain; each stage starts from the previous stage's registered export."""
+    uri = None
+    stages = chain()
+    for i, name in enumerate(stages, 1):
+        log(f"== stage {i}/{len(stages)}: {name}")
+        uri = run_stage(name, preset, workers, gpu, overrides, uri, None, storage, cpus_per_worker, log)
+    return uri
