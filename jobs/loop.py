@@ -214,6 +214,9 @@ def train_loop(config: dict) -> None:
                 rows = raw["origin"] == source
                 if rows.any():
                     position.consume(source, int(raw["epoch"][rows][0]), raw["url"][rows], raw["index"][rows])
+        if tc.record_samples:
+            keys = [f"{u}#{i}" for raw in consumed for u, i in zip(raw["url"], raw["index"])]
+            put(s3, f"{config['storage']}/{config['run_name']}/samples/step-{step + 1:08d}-rank-{rank}.json", json.dumps(keys))
         step += 1
         samples += tc.global_batch
         if step % tc.log_every == 0 or step == tc.steps:
@@ -237,7 +240,12 @@ def train_loop(config: dict) -> None:
             save_checkpoint(step)
 
     model.discriminator = critic
-    export(config, recipe, engine, model, ema, tracker, rank)
+    registered = [tracker.registered() if tracker else None]
+    dist.broadcast_object_list(registered, src=0)
+    if first_step < tc.steps or registered[0] is None:  # not a restart of a finished, exported run
+        export(config, recipe, engine, model, ema, tracker, rank)
+    else:
+        log(f"[{recipe.name}] already finished and exported: {registered[0]}")
     dist.barrier()
     if tracker:
         tracker.end()
@@ -285,16 +293,18 @@ def maybe_fault(config: dict, fault_step: int | None, step: int, rank: int, worl
     if fault_step is None or step != fault_step or rank != min(1, world - 1):
         return
     marker = f"{config['storage']}/{config['run_name']}/fault-{fault_step}.done"
-    if marker.startswith("s3://"):
-        if s3.list_keys(marker):
-            return
-        s3.put_bytes(marker, b"killed")
-    else:
-        path = Path(marker)
-        if path.exists():
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("killed")
+    if (s3.list_keys(marker) if marker.startswith("s3://") else Path(marker).exists()):
+        return
+    put(s3, marker, "killed")
     print(f"[fault] rank {rank}: SIGKILL at step {step}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
+
+
+def put(s3, uri: str, text: str) -> None:
+    """A small file in the run's storage (S3 or a local directory)."""
+    if uri.startswith("s3://"):
+        s3.put_bytes(uri, text.encode())
+    else:
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        Path(uri).write_text(text)

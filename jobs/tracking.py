@@ -78,6 +78,10 @@ class Tracker:
         self.mlflow.set_tag("unilip.registered", f"models:/{name}/{version.version}")
         return f"models:/{name}/{version.version}"
 
+    def registered(self) -> str | None:
+        """The model this run registered, if it got that far."""
+        return self.mlflow.get_run(self.run_id).data.tags.get("unilip.registered")
+
     def end(self) -> None:
         self.mlflow.end_run()
 

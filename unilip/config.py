@@ -97,10 +97,11 @@ class TrainConfig:
     eval_every: int = 1000
     log_every: int = 10
     max_failures: int = 3  # worker failures survived by resuming from the last checkpoint
-    fid_inception: str | None = None  # Inception-v3 weights (safetensors) for rFID; None: no rFID
     seed: int = 0
-    # Testing recovery: rank 1 kills its own process (SIGKILL) once, when this step begins.
+    # Testing recovery: rank 1 kills its own process (SIGKILL) once, when this step begins;
+    # and each worker writes the keys it trained on per step to STORAGE/RUN/samples/.
     fault_step: int | None = None
+    record_samples: bool = False
 
 
 @dataclass
