@@ -118,7 +118,8 @@ def _fake_source(name, task, size, weight):
     def epoch():
         for start in range(0, size, 50):
             keys = np.array([f"{name}-{i}" for i in range(start, min(size, start + 50))], dtype=object)
-            yield {"key": keys, "prompt": keys, "image": np.zeros((len(keys), 2, 2, 3), np.uint8)}
+            yield {"key": keys, "prompt": keys, "image": np.zeros((len(keys), 2, 2, 3), np.uint8),
+                   "url": np.array([name] * len(keys), dtype=object), "index": np.arange(start, start + len(keys))}
 
     return MixSource(name, task, weight, epoch)
 
