@@ -88,8 +88,8 @@ class EMA:
             self.shadow[n].copy_(state[n])
 
 
-def gathered(params: list[nn.Parameter], modifier_rank: int | None = None):
+def gathered(params: list[nn.Parameter]):
     """Full parameters inside the block (a no-op unless they are ZeRO-3 partitioned)."""
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+    return deepspeed.zero.GatheredParameters(params)

@@ -156,17 +156,20 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
-def load_yaml(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:
-    """Load `cls` from a YAML file, then apply `key=value` overrides."""
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file; unreadable or invalid files raise ConfigError."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    obj = from_dict(cls, data)
-    return apply_overrides(obj, overrides or [])
+
+
+def load_yaml(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Load `cls` from a YAML file, then apply `key=value` overrides."""
+    return apply_overrides(from_dict(cls, read_yaml(path)), overrides or [])
 
 
 def apply_overrides(obj: Any, overrides: list[str]) -> Any:

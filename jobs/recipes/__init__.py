@@ -6,9 +6,7 @@ A recipe may carry `variants`: partial recipes merged over it by name. Every rec
 
 from pathlib import Path
 
-import yaml
-
-from unilip.config import ConfigError, Recipe, apply_overrides, from_dict
+from unilip.config import ConfigError, Recipe, apply_overrides, from_dict, read_yaml
 
 RECIPE_DIR = Path(__file__).parent
 
@@ -32,12 +30,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None, variant: 
         path = RECIPE_DIR / f"{name_or_path}.yaml"
         if not path.exists():
             raise ConfigError(f"unknown recipe {name_or_path!r}; available: {', '.join(recipe_names())}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read recipe {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    data = read_yaml(path)
     if variant is not None:
         variants = data.get("variants") or {}
         if variant not in variants:
