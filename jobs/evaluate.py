@@ -3,8 +3,8 @@ generations and edits for fixed prompts, as numbers and PNG grids.
 
 PSNR and SSIM follow the standard definitions on uint8 RGB images (data range 255):
 PSNR = 10 log10(255^2 / MSE); SSIM is scikit-image's (Gaussian window, sigma 1.5, as in
-Wang et al. 2004), averaged over channels. rFID needs Inception weights, which this
-machine cannot download; it is not computed.
+Wang et al. 2004), averaged over channels. rFID (`jobs/fid.py`) is added when a FID
+feature network is given (`data.fid_weights`).
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ def psnr_ssim(reference: np.ndarray, test: np.ndarray) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def evaluate(model, kind: str, images: np.ndarray, seed: int = 0) -> tuple[dict[str, float], list[list]]:
-    """Metrics and image rows for a grid. Reconstruction: originals over reconstructions.
-    Generation: samples for the fixed prompts, then edits of held-out images."""
+def evaluate(model, kind: str, images: np.ndarray, seed: int = 0, fid=None) -> tuple[dict[str, float], list[list]]:
+    """Metrics and image rows for a grid. Reconstruction: originals over reconstructions
+    (PSNR, SSIM, and rFID with `fid`, a `FIDFeatures`). Generation: samples for the fixed
+    prompts, then edits of held-out images."""
     from PIL import Image
 
 
@@ -66,7 +67,12 @@ def evaluate(model, kind: str, images: np.ndarray, seed: int = 0) -> tuple[dict[
         recon = model.reconstruct(originals, size=res)
         out = np.stack([np.asarray(im) for im in recon])
         psnr, ssim = psnr_ssim(images, out)
-        return {"eval/psnr": psnr, "eval/ssim": ssim}, [originals, recon]
+        metrics = {"eval/psnr": psnr, "eval/ssim": ssim}
+        if fid is not None:
+            from jobs.fid import frechet_distance
+
+            metrics["eval/rfid"] = frechet_distance(fid(images), fid(out))
+        return metrics, [originals, recon]
     generated = model.generate(PROMPTS, seed=seed)
     refs = originals[: len(INSTRUCTIONS)]
     edited = model.edit(refs, INSTRUCTIONS[: len(refs)], seed=seed)

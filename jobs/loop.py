@@ -72,6 +72,20 @@ def build_model(recipe: Recipe, init_from: str | None, s3) -> UniLIP:
     return UniLIP.from_preset(recipe.model.preset, recipe.model, teacher=teacher)
 
 
+def build_stage(recipe: Recipe, init_from: str | None, s3, device) -> tuple[StageNet, nn.Module, torch.optim.Optimizer]:
+    """The stage's network, its discriminator (None unless trained) and the AdamW over its
+    trainable parameter groups. Seeded: identical initial weights on every worker."""
+    tc = recipe.train
+    torch.manual_seed(tc.seed)
+    model = build_model(recipe, init_from, s3)
+    model.set_trainable(tc.trainable)
+    groups = adamw_groups(model.param_groups(tc.lr_scales), tc.weight_decay)
+    critic = model.discriminator
+    model.discriminator = None  # trained by its own optimizer; put back for export
+    net = StageNet(model, recipe, critic if "discriminator" in tc.trainable else None).to(device)
+    return net, critic, torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas))
+
+
 def train_loop(config: dict) -> None:
     import deepspeed
     import ray
@@ -93,14 +107,8 @@ def train_loop(config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    torch.manual_seed(tc.seed)  # identical initial weights on every worker
-    model = build_model(recipe, config["init_from"], s3)
-    model.set_trainable(tc.trainable)
-    groups = adamw_groups(model.param_groups(tc.lr_scales), tc.weight_decay)
-    critic = model.discriminator
-    model.discriminator = None  # trained by its own optimizer; put back for export
-    net = StageNet(model, recipe, critic if "discriminator" in tc.trainable else None).to(device)
-    optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas))
+    net, critic, optimizer = build_stage(recipe, config["init_from"], s3, device)
+    model = net.model
     engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=deepspeed_config(tc, world))
     engine.checkpoint_engine = SafeCheckpointEngine()
     critic_opt = None
@@ -110,6 +118,8 @@ def train_loop(config: dict) -> None:
     trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
     ema = EMA(trainable, tc.ema_decay)
     accumulation = gradient_accumulation(tc, world)
+    log(f"[{recipe.name}] {world} workers on {device.type}, {torch.get_num_threads()} torch threads each, "
+        f"micro batch {tc.micro_batch} x {accumulation} accumulation, ZeRO-{tc.zero_stage}")  # fmt: skip
 
     # Sampling randomness (CFG drops, noise, timesteps) differs per worker, and is checkpointed.
     rng = random.Random(tc.seed * 1000 + rank)
@@ -144,13 +154,21 @@ def train_loop(config: dict) -> None:
     if rank == 0:
         tracker = Tracker(config["tracking_uri"], config["experiment"], config["run_name"], run_id, config["recipe"])
         run_id = tracker.run_id
-    eval_images = None
-    if recipe.data.eval_uri and tc.eval_every:
+    evaluating = bool(recipe.data.eval_uri and tc.eval_every)
+    fid = None
+    if evaluating:
         eval_images = load_eval_images(recipe.data.eval_uri, s3, recipe.data.eval_samples, recipe.data.resolution)
+        if rank == 0 and recipe.data.fid_weights and recipe.kind == "reconstruction":
+            from jobs.fid import FIDFeatures
+            from unilip.artifacts import fetch_file
+
+            fid = FIDFeatures(fetch_file(recipe.data.fid_weights, s3))
 
     def run_eval(at: int) -> None:
+        # Every rank evaluates the same inputs in lockstep: under ZeRO-3 the forward hooks are collectives.
         engine.eval()
-        metrics, rows = evaluate(model, recipe.kind, eval_images, seed=tc.seed)
+        with gathered(list(engine.module.parameters())):
+            metrics, rows = evaluate(model, recipe.kind, eval_images, seed=tc.seed, fid=fid)
         engine.train()
         if tracker:
             tracker.metrics(metrics, at)
@@ -182,6 +200,7 @@ def train_loop(config: dict) -> None:
     started, first_step, samples = time.perf_counter(), step, 0
     while step < tc.steps:
         maybe_fault(config, tc.fault_step, step, rank, world, s3)
+        step_started = time.perf_counter()
         set_lr(optimizer, lr_at(step, tc))
         if critic_opt is not None:
             set_lr(critic_opt, lr_at(step, tc))
@@ -214,6 +233,7 @@ def train_loop(config: dict) -> None:
                 rows = raw["origin"] == source
                 if rows.any():
                     position.consume(source, int(raw["epoch"][rows][0]), raw["url"][rows], raw["index"][rows])
+        step_s = time.perf_counter() - step_started  # data, forward, backward, optimizer, EMA
         if tc.record_samples:
             keys = [f"{u}#{i}" for raw in consumed for u, i in zip(raw["url"], raw["index"])]
             put(s3, f"{config['storage']}/{config['run_name']}/samples/step-{step + 1:08d}-rank-{rank}.json", json.dumps(keys))
@@ -224,7 +244,7 @@ def train_loop(config: dict) -> None:
             rate = samples / elapsed
             grad_norm = engine.get_global_grad_norm()
             metrics = {f"train/{k}": v for k, v in totals.items()}
-            metrics |= {"train/lr": lr_at(step - 1, tc), "train/samples_per_s": rate}
+            metrics |= {"train/lr": lr_at(step - 1, tc), "train/samples_per_s": rate, "train/step_s": step_s}
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
             if tracker:
@@ -234,7 +254,7 @@ def train_loop(config: dict) -> None:
             eta = (tc.steps - step) * elapsed / max(1, step - first_step)
             log(f"[{recipe.name}] step {step}/{tc.steps}  loss {totals['loss']:.4f}  lr {metrics['train/lr']:.2e}  "
                 f"{rate:.1f} samples/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")  # fmt: skip
-        if eval_images is not None and (step % tc.eval_every == 0 or step == tc.steps):
+        if evaluating and (step % tc.eval_every == 0 or step == tc.steps):
             run_eval(step)
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             save_checkpoint(step)

@@ -115,6 +115,13 @@ def _train(args) -> int:
     return 0
 
 
+def _train_bench(args) -> int:
+    from jobs.bench import run_step_bench
+
+    run_step_bench(args.recipe, args.preset, args.steps, args.warmup, args.set, args.from_uri)
+    return 0
+
+
 def _model_init(args) -> int:
     from unilip.config import ModelConfig, apply_overrides
     from unilip.model import UniLIP
@@ -239,6 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: 1 with GPUs, else half the cluster's CPUs shared)")
     p.add_argument("--export-dir", help="also copy the final model directory here")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("train-bench", help="time per optimizer step: `unilip train` (1 worker) vs a bare PyTorch loop")
+    p.add_argument("recipe", help="recipe name (a stage without the adversarial step, e.g. recon-stage1)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per loop (default 40)")
+    p.add_argument("--warmup", type=int, default=10, help="first steps left out of the figures (default 10)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    p.add_argument("--from", dest="from_uri", help="start from this model (stages that follow another)")
+    p.set_defaults(func=_train_bench)
 
     p = sub.add_parser("model", help="model directories: create one from a preset")
     p.add_argument("action", choices=["init"])

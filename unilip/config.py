@@ -72,6 +72,7 @@ class DataConfig:
     inflight_mb: int | None = 96
     eval_uri: str | None = None  # held-out generation source for reconstruction metrics
     eval_samples: int = 64
+    fid_weights: str | None = None  # FID Inception weights (path or s3://): adds rFID to the eval
 
 
 @dataclass

@@ -1,0 +1,133 @@
+"""Step-time benchmark: the Ray Train + DeepSpeed loop vs a bare PyTorch loop, same model and batch.
+
+    eval "$(unilip local env)"
+    unilip data sample --out s3://$UNILIP_BUCKET/sample --gen 64 --edit 32 --size 256
+    unilip data sample --out s3://$UNILIP_BUCKET/sample-eval --gen 4 --edit 0 --seed 1
+    unilip train-bench recon-stage1 --preset tiny --steps 40 --warmup 10
+
+Both loops train the same stage from the same seed with the same micro batch, gradient
+accumulation (one worker) and torch thread count. The bare loop is one process: AdamW,
+clipping, EMA, over batches decoded and mixed beforehand and held in memory, so its step
+is compute only. The Ray loop is `unilip train` with one worker: DeepSpeed (ZeRO from the
+recipe), batches streamed from S3 through Ray Data and the task mixer, the data position
+bookkeeping; each step's time is the loop's `train/step_s` metric in MLflow. Steps that
+checkpoint or evaluate are excluded (neither runs inside the timed span), and so are the
+first `--warmup` steps of each loop. Prints the median and mean step time of both and
+their ratio.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+import torch
+
+from unilip.config import ConfigError, Recipe
+
+
+def plain_batches(recipe: Recipe, s3, count: int) -> list[dict]:
+    """`count` mixer batches decoded in this process: the recipe's sources and ratios, no Ray."""
+    from pipelines.decode import SampleDecoder
+    from pipelines.ingest import plan_sources
+    from pipelines.mix import MixSource, TaskMixer
+    from pipelines.read import shard_uris
+    from pipelines.shard_source import read_shard
+
+    def epoch(uri: str, task: str):
+        decode = SampleDecoder(task, recipe.data.resolution)
+        for url in shard_uris(uri, s3):
+            fs, path = s3.resolve(url)
+            rows = list(read_shard(fs, path, url, task))
+            yield decode({k: [r.get(k) for r in rows] for k in rows[0]})
+
+    plan = plan_sources(recipe.data, s3)
+    sources = [MixSource(s.name, s.task, plan[s.name].weight, lambda s=s: epoch(s.uri, s.task)) for s in recipe.data.sources]
+    mixer = TaskMixer(sources, recipe.train.micro_batch, recipe.data.batch_mode, recipe.data.seed)
+    return [mixer.next_batch() for _ in range(count)]
+
+
+def bare_step_times(recipe: Recipe, init_from: str | None, s3, steps: int, threads: int, log=print) -> list[float]:
+    """Seconds per optimizer step of a plain PyTorch loop (one process, no DeepSpeed, no Ray)."""
+    from jobs.loop import build_stage
+    from jobs.optim import EMA, gradient_accumulation, lr_at, set_lr
+    from pipelines.mix import collate
+
+    tc = recipe.train
+    torch.set_num_threads(threads)
+    net, _, optimizer = build_stage(recipe, init_from, s3, "cpu")
+    if net.critic[0] is not None:
+        raise ConfigError(f"{recipe.name} trains a discriminator: benchmark a stage without the adversarial step")
+    accumulation = gradient_accumulation(tc, 1)
+    log(f"[bench] bare loop: decoding {steps * accumulation} micro batches into memory")
+    batches = iter(plain_batches(recipe, s3, steps * accumulation))
+    params = [p for p in net.parameters() if p.requires_grad]
+    ema = EMA({n: p for n, p in net.named_parameters() if p.requires_grad}, tc.ema_decay)
+    rng, generator = random.Random(tc.seed * 1000), torch.Generator().manual_seed(tc.seed * 1000)
+    times = []
+    net.train()
+    for step in range(steps):
+        started = time.perf_counter()
+        set_lr(optimizer, lr_at(step, tc))
+        for _ in range(accumulation):
+            terms = net(collate(next(batches), dtype=net.model.dtype), step, rng, generator)
+            (terms["loss"] / accumulation).backward()
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def ray_step_times(name: str, preset: str, overrides: list[str], init_from: str | None, run_name: str, log=print) -> list[float]:
+    """Seconds per optimizer step of `unilip train` with one worker, from its MLflow metrics."""
+    import os
+
+    import mlflow
+
+    from jobs.train import run_stage
+    from jobs.tracking import RUN_TAG
+
+    run_stage(name, preset, 1, False, overrides, init_from, run_name, cpus_per_worker=1.0, log=log)
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
+    (run,) = mlflow.search_runs(experiment_names=["unilip-training"], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'",
+                                output_format="list")  # fmt: skip
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/step_s")
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
+
+
+def run_step_bench(name: str, preset: str = "tiny", steps: int = 40, warmup: int = 10, overrides: list[str] | None = None,
+                   init_from: str | None = None, log=print) -> dict:  # fmt: skip
+    from jobs.train import prepare
+    from unilip.s3 import s3_access
+
+    if steps <= warmup:
+        raise ConfigError(f"--steps ({steps}) must exceed --warmup ({warmup})")
+    # One worker, every step logged; no eval, one checkpoint at the end (outside the timed span).
+    overrides = [*(overrides or []), f"train.steps={steps}", "train.log_every=1", "train.eval_every=0",
+                 f"train.checkpoint_every={steps}"]  # fmt: skip
+    recipe = prepare(name, preset, overrides)
+    s3 = s3_access(recipe.s3)
+    threads = 1  # what a Ray worker holding 1 CPU gets (OMP_NUM_THREADS=1)
+    run_name = f"bench-{name}-{preset}-{int(time.time())}"
+    log(f"[bench] {name} ({preset}): {steps} steps, micro batch {recipe.train.micro_batch}, "
+        f"global batch {recipe.train.global_batch}, {threads} torch thread, warm-up {warmup} steps")  # fmt: skip
+    ray_times = ray_step_times(name, preset, overrides, init_from, run_name, log)
+    if len(ray_times) != steps:
+        raise RuntimeError(f"the Ray run logged {len(ray_times)} step times, expected {steps}")
+    bare_times = bare_step_times(recipe, init_from, s3, steps, threads, log)
+    ray_t, bare_t = ray_times[warmup:], bare_times[warmup:]
+    result = {
+        "steps_timed": len(ray_t),
+        "bare_median_s": statistics.median(bare_t), "bare_mean_s": statistics.fmean(bare_t),
+        "ray_median_s": statistics.median(ray_t), "ray_mean_s": statistics.fmean(ray_t),
+    }  # fmt: skip
+    result["ratio_median"] = result["ray_median_s"] / result["bare_median_s"]
+    result["ratio_mean"] = result["ray_mean_s"] / result["bare_mean_s"]
+    log(f"[bench] bare PyTorch loop        median {result['bare_median_s'] * 1e3:7.1f} ms/step  mean {result['bare_mean_s'] * 1e3:7.1f}")
+    log(f"[bench] Ray Train + DeepSpeed    median {result['ray_median_s'] * 1e3:7.1f} ms/step  mean {result['ray_mean_s'] * 1e3:7.1f}")
+    log(f"[bench] ratio Ray / bare: {result['ratio_median']:.2f}x (median), {result['ratio_mean']:.2f}x (mean), "
+        f"over steps {warmup + 1}-{steps}")  # fmt: skip
+    return result

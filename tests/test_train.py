@@ -1,0 +1,144 @@
+"""Training jobs on the embedded stack: Ray Train + DeepSpeed (gloo), moto S3, sqlite MLflow.
+
+Every recipe's tiny variant runs through `unilip train all` (ZeRO-2); one stage runs under
+ZeRO-3; one run loses a worker mid-run; one finished run is restarted with more steps."""
+
+import json
+import re
+
+import mlflow
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from jobs.fid import inception_network
+from jobs.train import EXPERIMENT, chain
+from pipelines.sample_data import build_sample_dataset
+from pipelines.shards import join, read_manifest
+from tests.conftest import run_cli
+from unilip.artifacts import fetch_model
+from unilip.model import UniLIP
+
+
+@pytest.fixture(scope="module")
+def sample(stack, s3):
+    root = f"s3://{stack.bucket}"
+    build_sample_dataset(f"{root}/sample", s3, 32, 16, shard_size=8, size=128, log=lambda m: None)
+    build_sample_dataset(f"{root}/sample-eval", s3, 4, 0, seed=1, shard_size=4, size=128, log=lambda m: None)
+    mlflow.set_tracking_uri(stack.env()["MLFLOW_TRACKING_URI"])
+    return root
+
+
+def train(*args, timeout=900):
+    out = run_cli("train", *args, "--preset", "tiny", "--workers", "2", timeout=timeout)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
+    return out.stdout + out.stderr
+
+
+def mlflow_run(run_name: str):
+    (run,) = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string=f"tags.`unilip.run` = '{run_name}'",
+                                output_format="list")  # fmt: skip
+    return run
+
+
+def loss_steps(run) -> list[int]:
+    return sorted({m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")})
+
+
+def checkpoints(s3, runs: str) -> list[str]:
+    return sorted({k[len(runs) + 1 :].split("/")[0] for k in s3.list_keys(f"{runs}/step-")})
+
+
+@pytest.fixture(scope="module")
+def trained_chain(stack, sample, tmp_path_factory):
+    """`unilip train all --preset tiny`: the six stages, each from the previous stage's export."""
+    export = tmp_path_factory.mktemp("export") / "unilip-tiny"
+    logs = train("all", "--export-dir", str(export), timeout=1500)
+    return export, logs
+
+
+def test_train_all_runs_every_stage_and_exports_a_generating_model(stack, s3, trained_chain):
+    export, logs = trained_chain
+    for name in chain():
+        runs = f"s3://{stack.bucket}/runs/{name}-tiny"
+        assert checkpoints(s3, runs) == ["step-00000003", "step-00000006"], name
+        run = mlflow_run(f"{name}-tiny")
+        assert run.data.params["name"] == name and run.data.params["train.zero_stage"] == "2"
+        assert loss_steps(run) == [1, 2, 3, 4, 5, 6], name
+        assert {"train/lr", "train/samples_per_s", "train/grad_norm"} <= set(run.data.metrics), name
+        artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+        assert {"model", "loss.png", "eval"} <= artifacts, name
+        registered = run.data.tags["unilip.registered"]
+        assert registered.startswith(f"models:/unilip-tiny-{name}/"), name
+        version = mlflow.MlflowClient().get_model_version(f"unilip-tiny-{name}", registered.rsplit("/", 1)[1])
+        assert version.tags["stage"] == name and version.tags["run_id"] == run.info.run_id
+    # Lineage: each stage started from the export of the stage before it.
+    order = chain()
+    for prev, name in zip(order, order[1:]):
+        version = mlflow.MlflowClient().get_model_version(f"unilip-tiny-{name}", "1")
+        assert version.tags["from"] == mlflow_run(f"{prev}-tiny").data.tags["unilip.registered"], name
+    assert "eval step 6: psnr" in logs and "ssim" in logs
+    # The exported directory is the model library's: it loads and generates.
+    model = UniLIP.from_pretrained(export)
+    (image,) = model.generate(["a red apple on a table"], seed=0, steps=2)
+    assert isinstance(image, Image.Image) and image.size == (448, 448)
+
+
+def test_restarted_run_continues_its_mlflow_run_and_step_count(trained_chain):
+    before = mlflow_run("gen-stage3-tiny")
+    logs = train("gen-stage3", "--set", "train.steps=8")
+    assert "resumed from step 6" in logs
+    after = mlflow_run("gen-stage3-tiny")  # still exactly one run of that name
+    assert after.info.run_id == before.info.run_id
+    assert loss_steps(after) == list(range(1, 9))
+
+
+def test_zero3_stage(stack, s3, trained_chain):
+    start = mlflow_run("recon-stage2-448-tiny").data.tags["unilip.registered"]
+    logs = train("gen-stage1", "--run-name", "zero3", "--from", start, "--set", "train.zero_stage=3",
+                 "--set", "data.batch_mode=single_task")  # fmt: skip
+    assert "step 6/6" in logs
+    assert checkpoints(s3, f"s3://{stack.bucket}/runs/zero3") == ["step-00000003", "step-00000006"]
+    run = mlflow_run("zero3")
+    assert run.data.params["train.zero_stage"] == "3" and loss_steps(run) == [1, 2, 3, 4, 5, 6]
+    model = UniLIP.from_pretrained(fetch_model(run.data.tags["unilip.registered"]))
+    assert {"queries", "connector", "caption_projector"} <= model.trained_parts
+
+
+def test_worker_killed_mid_run_resumes_with_every_sample_once(stack, s3, sample, tmp_path):
+    # rFID plumbing: FID Inception weights (random here: none can be downloaded) on S3.
+    torch.manual_seed(0)
+    weights = tmp_path / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in inception_network().state_dict().items()}, str(weights))
+    s3.put_bytes(f"{sample}/weights/inception.safetensors", weights.read_bytes())
+    # 8 steps x global batch 4 = 32 samples: exactly one epoch of the generation source.
+    logs = train("recon-stage1", "--run-name", "kill", "--set", "train.steps=8", "--set", "train.checkpoint_every=2",
+                 "--set", "train.fault_step=5", "--set", "train.record_samples=true", "--set", "train.eval_every=4",
+                 "--set", f"data.fid_weights={sample}/weights/inception.safetensors")  # fmt: skip
+    assert "SIGKILL at step 5" in logs
+    # Ray Train registers a reported checkpoint asynchronously: a failure right after the
+    # step-4 report may leave step 2 as the newest registered one. Either is a correct resume.
+    resumed = re.search(r"resumed from step (\d+)", logs)
+    assert resumed and int(resumed.group(1)) in (2, 4), logs[-6000:]
+    runs = f"s3://{stack.bucket}/runs/kill"
+    records = s3.list_keys(f"{runs}/samples/")
+    steps = sorted({k.rsplit("/", 1)[1].split("-rank")[0] for k in records})
+    assert steps == [f"step-{i:08d}" for i in range(1, 9)]  # the right number of steps, each recorded once
+    keys = [key for k in records for key in json.loads(s3.get_bytes(k))]
+    manifest = read_manifest(join(f"{sample}/sample", "generation"), s3)
+    assert len(keys) == len(set(keys)) == manifest.samples  # no repeats, no gaps
+    assert checkpoints(s3, runs) == ["step-00000006", "step-00000008"]  # the newest two kept
+    # MLflow: one run, continued after the failure, with metrics, eval images and the model.
+    run = mlflow_run("kill")
+    assert loss_steps(run) == list(range(1, 9))
+    assert run.data.params["train.trainable"] == "['down_proj', 'pixel_decoder']"
+    assert {"eval/psnr", "eval/ssim", "eval/rfid"} <= set(run.data.metrics)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"model", "loss.png"} <= artifacts
+    model = UniLIP.from_pretrained(fetch_model(run.data.tags["unilip.registered"]))
+    assert {"down_proj", "pixel_decoder"} <= model.trained_parts
+
+    # The same run name again: a finished, exported run is not trained or exported twice.
+    again = train("recon-stage1", "--run-name", "kill", "--set", "train.steps=8")
+    assert "already finished and exported" in again
