@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from jobs.checkpoint import DS_TAG, SafeCheckpointEngine, load_critic, load_rng_state, rng_state, save_critic
-from jobs.optim import EMA, adamw_groups, deepspeed_config, gathered, gradient_accumulation, lr_at, set_lr
+from jobs.optim import EMA, adamw_groups, deepspeed_config, gathered, gradient_accumulation, lr_at, set_lr, zero_stage
 from unilip.config import Recipe, S3Config, from_dict
 from unilip.model import UniLIP
 
@@ -119,7 +119,7 @@ def train_loop(config: dict) -> None:
     ema = EMA(trainable, tc.ema_decay)
     accumulation = gradient_accumulation(tc, world)
     log(f"[{recipe.name}] {world} workers on {device.type}, {torch.get_num_threads()} torch threads each, "
-        f"micro batch {tc.micro_batch} x {accumulation} accumulation, ZeRO-{tc.zero_stage}")  # fmt: skip
+        f"micro batch {tc.micro_batch} x {accumulation} accumulation, ZeRO-{zero_stage(tc, world)}")  # fmt: skip
 
     # Sampling randomness (CFG drops, noise, timesteps) differs per worker, and is checkpointed.
     rng = random.Random(tc.seed * 1000 + rank)
