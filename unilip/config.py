@@ -69,7 +69,7 @@ class DataConfig:
     seed: int = 0
     # Object-store bytes each source's pipeline keeps in flight (None: Ray Data's default
     # share of the object store). Bounds memory: peak use stops growing with dataset size.
-    inflight_mb: int | None = 96
+    inflight_mb: int | None = 192
     eval_uri: str | None = None  # held-out generation source for reconstruction metrics
     eval_samples: int = 64
     fid_weights: str | None = None  # FID Inception weights (path or s3://): adds rFID to the eval
