@@ -122,6 +122,14 @@ def _train_bench(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from serve.app import DEFAULT_CONFIG, load_config, run_local
+
+    overrides = {"model": args.model, "api_key_env": args.api_key_env, "max_batch_size": args.max_batch_size}
+    run_local(load_config(args.config or DEFAULT_CONFIG, overrides, args.host, args.port))
+    return 0
+
+
 def _model_init(args) -> int:
     from unilip.config import ModelConfig, apply_overrides
     from unilip.model import UniLIP
@@ -255,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     p.add_argument("--from", dest="from_uri", help="start from this model (stages that follow another)")
     p.set_defaults(func=_train_bench)
+
+    p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible) with Ray Serve, on 127.0.0.1; Ctrl-C stops")
+    p.add_argument("--model", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS, a directory or s3://...")
+    p.add_argument("--config", help="Ray Serve config file (default: the project's serve/serve.yaml)")
+    p.add_argument("--host", help="HTTP host (default from the config: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")
+    p.add_argument("--api-key-env", help="require `Authorization: Bearer $VAR` with the key in this environment variable")
+    p.add_argument("--max-batch-size", type=int, help="generation/edit requests per model call")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("model", help="model directories: create one from a preset")
     p.add_argument("action", choices=["init"])

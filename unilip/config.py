@@ -1,4 +1,4 @@
-"""Typed configuration: dataclasses for storage, model, data, training and serving.
+"""Typed configuration: dataclasses for storage, model, data and training (serving: serve/serve.yaml).
 
 A training stage is a `Recipe` loaded from a YAML file (`jobs/recipes/NAME.yaml`); any
 field can be overridden with dotted keys, as the CLI's `--set train.lr=2e-4` does.
@@ -119,30 +119,6 @@ class Recipe:
     s3: S3Config = field(default_factory=S3Config)
     # Named partial recipes merged over this one, e.g. `tiny`: CPU-sized steps and data.
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-@dataclass
-class AutoscalingConfig:
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing_requests: float = 2.0
-
-
-@dataclass
-class ServeConfig:
-    model: str = ""  # models:/NAME/VERSION, models:/NAME@alias, a directory or s3:// prefix
-    host: str = "127.0.0.1"
-    port: int = 8000
-    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
-    max_ongoing_requests: int = 8
-    max_queued_requests: int = 64
-    max_batch_size: int = 4
-    batch_wait_timeout_s: float = 0.05
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    max_body_bytes: int = 20 * 1024 * 1024
-    api_key_env: str | None = None  # env var holding the bearer token; None: no auth
-    s3: S3Config = field(default_factory=S3Config)
 
 
 # ------------------------------------------------------------------- build and check

@@ -192,7 +192,7 @@ class UniLIP(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.generator.queries.dtype
 
-    def _check_prompts(self, prompts: list[str]) -> None:
+    def check_prompts(self, prompts: list[str]) -> None:
         if not prompts:
             raise ValueError("no prompts given")
         for p in prompts:
@@ -208,17 +208,24 @@ class UniLIP(nn.Module):
         guidance_scale = self.cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
         steps = self.cfg.num_inference_steps if steps is None else steps
         check_sampling_args(guidance_scale, steps)
-        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         shape = (cond.states.shape[0], self.pixel_decoder.dcae.config.latent_channels, LATENT_SIDE, LATENT_SIDE)
+        gen, noise = None, None
+        if isinstance(seed, list):  # one seed per image: the same image whatever else is in the batch
+            if len(seed) != shape[0]:
+                raise ValueError(f"{len(seed)} seeds for {shape[0]} images")
+            noise = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seed])
+        elif seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
         latent = sample(self.generator.velocity, cond, uncond, shape, steps, guidance_scale,
-                        solver or self.cfg.solver, self.cfg.shift, gen)  # fmt: skip
+                        solver or self.cfg.solver, self.cfg.shift, gen, noise)  # fmt: skip
         return to_pil(self.decode_latent(latent, OUTPUT_SIZE))
 
     @torch.no_grad()
     def generate(self, prompts: list[str], guidance_scale: float | None = None, steps: int | None = None,
-                 seed: int | None = None, solver: str | None = None) -> list[Image.Image]:  # fmt: skip
-        """Text -> 448x448 images, with classifier-free guidance against the null prompt."""
-        self._check_prompts(prompts)
+                 seed: int | list[int] | None = None, solver: str | None = None) -> list[Image.Image]:  # fmt: skip
+        """Text -> 448x448 images, with classifier-free guidance against the null prompt.
+        `seed`: one for the batch, or one per prompt (batching then does not change an image)."""
+        self.check_prompts(prompts)
         g = self.generator
         cond = g.condition_states(prompts)
         uncond = g.condition_states([NULL_GENERATION_PROMPT] * len(prompts))
@@ -226,9 +233,9 @@ class UniLIP(nn.Module):
 
     @torch.no_grad()
     def edit(self, images: list, instructions: list[str], guidance_scale: float | None = None,
-             steps: int | None = None, seed: int | None = None, solver: str | None = None) -> list[Image.Image]:  # fmt: skip
+             steps: int | None = None, seed: int | list[int] | None = None, solver: str | None = None) -> list[Image.Image]:  # fmt: skip
         """Reference images + instructions -> edited 448x448 images (the null prompt keeps the image)."""
-        self._check_prompts(instructions)
+        self.check_prompts(instructions)
         if len(images) != len(instructions):
             raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
         ref = self.encoder(self.preprocess(images, 448))
@@ -249,7 +256,7 @@ class UniLIP(nn.Module):
         """Answer a question about an image with InternVL3, the UniLIP encoder in place."""
         from unilip.tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
 
-        self._check_prompts([question])
+        self.check_prompts([question])
         pixels = self.preprocess([image], 448)
         n = self.mllm.config.image_seq_length
         text = f"{IM_START}user\n{IMG_START}{IMG_CONTEXT * n}{IMG_END}\n{question}{IM_END}\n{IM_START}assistant\n"

@@ -51,13 +51,16 @@ def concat_conditions(a: Condition, b: Condition) -> Condition:
 @torch.no_grad()
 def sample(velocity, cond: Condition, uncond: Condition | None, shape: tuple[int, ...], steps: int,
            guidance_scale: float, solver: str = "euler", shift: float = 3.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
-    """Integrate from noise (t=1) to data (t=0). `velocity(x, t, cond)` predicts eps - x0."""
+           generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Integrate from noise (t=1) to data (t=0). `velocity(x, t, cond)` predicts eps - x0.
+    The starting noise is `noise` if given, else drawn from `generator`."""
     check_sampling_args(guidance_scale, steps)
     scheduler = make_scheduler(solver, shift)
     scheduler.set_timesteps(steps)
     device = cond.states.device
-    x = torch.randn(shape, generator=generator, device=device, dtype=cond.states.dtype)
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, device=device, dtype=cond.states.dtype)
+    x = noise.to(device, cond.states.dtype)
     guided = uncond is not None and guidance_scale != 1.0
     both = concat_conditions(cond, uncond) if guided else cond
     for t in scheduler.timesteps:

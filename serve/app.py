@@ -1,0 +1,133 @@
+"""The Ray Serve application: UniLIP behind OpenAI-compatible endpoints.
+
+    unilip serve --model models:/unilip-tiny-gen-stage3/1              # http://127.0.0.1:8000
+    unilip serve --model ./unilip-tiny --config serve/serve.yaml --port 8100
+    serve deploy serve/serve.yaml                                      # a running Ray cluster
+    # KubeRay: the same file's applications go into a RayService's serveConfigV2
+
+`serve/serve.yaml` is a Ray Serve config file in the documented format: `import_path:
+serve.app:build` with the application's `args`, and per-deployment autoscaling, request
+limits and resources. `unilip serve` runs that file on a local Ray (127.0.0.1), with
+`--model` and the command-line options overriding it, and stops cleanly on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from serve.api import Api
+from serve.model_server import UniLIPModel
+
+DEFAULT_CONFIG = Path(__file__).with_name("serve.yaml")
+
+
+def model_name(uri: str) -> str:
+    """What /v1/models lists: the registry name, or the directory's name."""
+    if uri.startswith("models:/"):
+        return uri[len("models:/") :].split("/")[0].split("@")[0]
+    return Path(uri.rstrip("/")).name or uri
+
+
+def build(args: dict):
+    """The application builder named by the config's `import_path` (`serve deploy` applies
+    the config's per-deployment options itself)."""
+    return application(args)
+
+
+def application(args: dict, options: dict[str, dict] | None = None):
+    """The bound application: the model deployment and the HTTP ingress in front of it."""
+    model = args.get("model")
+    if not model:
+        raise ValueError("the Serve application needs args.model: models:/NAME/VERSION, models:/NAME@ALIAS, DIR or s3://...")
+    options = options or {}
+    handle = UniLIPModel.options(**options.get("UniLIPModel", {})).bind(
+        model, int(args.get("max_batch_size", 4)), float(args.get("batch_wait_timeout_s", 0.05)))
+    return Api.options(**options.get("Api", {})).bind(
+        handle, args.get("model_name") or model_name(model), int(args.get("max_body_bytes", 20 * 2**20)),
+        args.get("api_key_env"), args.get("api_key_file"))
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None, host: str | None = None,
+                port: int | None = None) -> dict:  # fmt: skip
+    """The Serve config file, checked against Ray's schema, with args and HTTP overrides."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from unilip.config import ConfigError, read_yaml
+
+    config = read_yaml(path)
+    apps = config.get("applications") or []
+    if len(apps) != 1:
+        raise ConfigError(f"{path}: expected one application, found {len(apps)}")
+    apps[0].setdefault("args", {}).update({k: v for k, v in (overrides or {}).items() if v is not None})
+    http = config.setdefault("http_options", {})
+    if host:
+        http["host"] = host
+    if port:
+        http["port"] = port
+    try:
+        ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(config)
+    except Exception as e:
+        raise ConfigError(f"{path} is not a valid Ray Serve config: {e}") from None
+    return config
+
+
+def deployment_options(app_config: dict) -> dict[str, dict]:
+    """Per-deployment options of the config (autoscaling, limits, resources), by name."""
+    return {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app_config.get("deployments", [])}
+
+
+def wait_ready(url: str, timeout: float = 600, log=print) -> None:
+    import requests
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        try:
+            r = requests.get(f"{url}/readyz", timeout=5)
+            if r.status_code == 200:
+                return
+            if r.headers.get("content-type", "").startswith("application/json") and r.json().get("error"):
+                raise RuntimeError(f"the model failed to load: {r.json()['error']}")
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
+
+
+def run_local(config: dict, log=print, stop: threading.Event | None = None) -> None:
+    """Serve `config` on this machine's Ray until Ctrl-C / SIGTERM (or `stop` is set)."""
+    from ray import serve
+
+    from cluster.connect import init_ray
+
+    http = config.get("http_options", {})
+    host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
+    init_ray()
+    app_config = config["applications"][0]
+    serve.start(http_options={"host": host, "port": port})
+    url = f"http://{host}:{port}"
+    log(f"[serve] deploying {app_config['args']['model']} at {url} ...")
+    options = deployment_options(app_config)
+    key_env = app_config["args"].get("api_key_env")
+    if key_env and os.environ.get(key_env):  # the ingress replicas read the key where they run
+        actor = options.setdefault("Api", {}).setdefault("ray_actor_options", {})
+        actor.setdefault("runtime_env", {}).setdefault("env_vars", {})[key_env] = os.environ[key_env]
+    serve.run(application(app_config["args"], options), name=app_config.get("name", "unilip"), route_prefix=app_config.get("route_prefix", "/"),
+              blocking=False)  # fmt: skip
+    stop = stop or threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        wait_ready(url, log=log)
+        log(f"[serve] ready: {url}/v1/images/generations, /v1/images/edits, /v1/chat/completions, "
+            f"/v1/reconstructions, /v1/models, /healthz, /readyz (Ctrl-C stops)")  # fmt: skip
+        stop.wait()
+    finally:
+        log("[serve] shutting down")
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()

@@ -1,0 +1,92 @@
+"""The model deployment: one UniLIP per replica, loaded in the background, requests batched.
+
+Generation and editing requests that arrive together are run as one model call per
+(task, guidance, steps) group; the sampler computes each call's conditional and
+unconditional (CFG) halves in the same forward pass. Every image has its own seed, so a
+request's images do not depend on what else was in its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+import threading
+from itertools import groupby
+
+from ray import serve
+
+
+def png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@serve.deployment
+class UniLIPModel:
+    def __init__(self, model_uri: str, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.05):
+        self.model_uri, self.model, self.error = model_uri, None, None
+        self.images.set_max_batch_size(max_batch_size)
+        self.images.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        threading.Thread(target=self._load, daemon=True).start()  # readiness stays false until loaded
+
+    def _load(self) -> None:
+        try:
+            import torch
+
+            from unilip.artifacts import fetch_model
+            from unilip.model import UniLIP
+            from unilip.s3 import s3_access
+
+            torch.set_grad_enabled(False)
+            model = UniLIP.from_pretrained(fetch_model(self.model_uri, s3_access()))
+            model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+            self.model = model
+        except Exception as e:  # reported by status(); the replica stays up to say why
+            self.error = f"{type(e).__name__}: {e}"
+
+    def status(self) -> dict:
+        return {"ready": self.model is not None, "error": self.error, "model": self.model_uri}
+
+    def check_health(self) -> None:
+        if self.error:
+            raise RuntimeError(f"model failed to load: {self.error}")
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def images(self, requests: list[dict]) -> list[dict]:
+        """Each request: task (generation|editing), prompt, n, guidance_scale, steps, seed,
+        image (PIL, editing). Returns {"images": [PNG bytes]} or {"error": message}."""
+        return await asyncio.to_thread(self._run_images, requests)
+
+    def _run_images(self, requests: list[dict]) -> list[dict]:
+        results: list[dict | None] = [None] * len(requests)
+        jobs = []
+        for i, r in enumerate(requests):
+            try:
+                self.model.check_prompts([r["prompt"]])
+            except ValueError as e:
+                results[i] = {"error": str(e)}
+                continue
+            seed = r["seed"] if r["seed"] is not None else random.randrange(2**31)
+            jobs.append((i, r, [seed + k for k in range(r["n"])]))
+        key = lambda job: (job[1]["task"], job[1]["guidance_scale"], job[1]["steps"])  # noqa: E731
+        for (task, guidance, steps), group in groupby(sorted(jobs, key=key), key=key):
+            group = list(group)
+            prompts = [r["prompt"] for _, r, seeds in group for _ in seeds]
+            seeds = [s for _, _, seeds in group for s in seeds]
+            if task == "editing":
+                refs = [r["image"] for _, r, s in group for _ in s]
+                out = self.model.edit(refs, prompts, guidance, steps, seed=seeds)
+            else:
+                out = self.model.generate(prompts, guidance, steps, seed=seeds)
+            for i, r, s in group:
+                results[i] = {"images": [png(im) for im in out[: len(s)]]}
+                out = out[len(s) :]
+        return results
+
+    async def reconstruct(self, image) -> bytes:
+        return png((await asyncio.to_thread(self.model.reconstruct, [image]))[0])
+
+    async def understand(self, image, question: str, max_tokens: int) -> str:
+        return await asyncio.to_thread(self.model.understand, image, question, max_tokens)
