@@ -37,12 +37,14 @@ SERVICES = ("s3", "mlflow", "ray")  # start order: each may need the ones before
 DEFAULT_BUCKET = "unilip"
 LOCAL_CREDENTIAL = "unilip-local"  # moto accepts any key; never a real one
 HOST = "127.0.0.1"
-# Ray resolves "127.0.0.1" to the machine's address unless told it is a single-node
-# cluster (the switch is named for the platforms where that is the default).
 # SIGTERM grace before SIGKILL. Ray's processes wait on each other for a long time when
 # signalled together (`ray stop` allows 16 s); the local Ray holds nothing worth keeping.
 STOP_GRACE_S = {"s3": 5.0, "mlflow": 10.0, "ray": 2.0}
-RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# Ray resolves "127.0.0.1" to the machine's address unless told it is a single-node
+# cluster (the switch is named for the platforms where that is the default). Token auth
+# is pinned off: the stack listens on loopback only, and Ray would otherwise switch it on
+# whenever ~/.ray/auth_token exists (any earlier `ray.init()` of a new cluster writes one).
+RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 class StackError(RuntimeError):
@@ -195,7 +197,11 @@ class LocalStack:
             self._saved_env = None
 
     def __enter__(self) -> LocalStack:
-        self.up()
+        try:
+            self.up()
+        except BaseException:  # a service that failed to start must not leave the others running
+            self.down()
+            raise
         self.activate()
         return self
 

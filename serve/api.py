@@ -206,6 +206,7 @@ class Api:
         self.model = model
         self.settings = Settings(model_name, max_body_bytes, api_key(api_key_env, api_key_file))
         self.b64_limit = max_body_bytes
+        self.ready = False
 
     def _authorize(self, request: Request) -> None:
         """Bearer-token check when a key is configured (health and readiness stay open)."""
@@ -218,10 +219,12 @@ class Api:
         """Call the model deployment; loading -> 503, overload -> 503, bad input -> 400."""
         from ray.serve.exceptions import BackPressureError
 
-        status = await self.model.status.remote()
-        if not status["ready"]:
-            why = f"the model failed to load: {status['error']}" if status["error"] else "the model is still loading"
-            raise ApiError(503, why, code="model_not_ready")
+        if not self.ready:  # once loaded a model stays loaded: ask until then, not per request
+            status = await self.model.status.remote()
+            if not status["ready"]:
+                why = f"the model failed to load: {status['error']}" if status["error"] else "the model is still loading"
+                raise ApiError(503, why, code="model_not_ready")
+            self.ready = True
         try:
             return await getattr(self.model, method).remote(*args)
         except BackPressureError:

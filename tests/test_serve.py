@@ -185,3 +185,19 @@ def test_concurrent_load(server):
     assert len(times) == 200
     p50, p99 = np.percentile(times, 50), np.percentile(times, 99)
     print(f"\nload 8 clients x 25 requests: p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms")
+
+
+def test_overload_gets_503_with_retry_after_not_a_hang(server):
+    # serve.yaml: the model replica takes 8 ongoing + 32 queued requests; 80 at once overflow it.
+    def one(i: int) -> tuple[int, str | None]:
+        r = requests.post(f"{server}/v1/images/generations", headers=auth(), timeout=600,
+                          json={"prompt": f"fox {i}", "num_inference_steps": 8, "seed": i})  # fmt: skip
+        return r.status_code, r.headers.get("Retry-After")
+
+    with ThreadPoolExecutor(80) as pool:
+        results = list(pool.map(one, range(80)))
+    statuses = [s for s, _ in results]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) > 0 and statuses.count(200) >= 8, statuses
+    assert all(retry == "1" for s, retry in results if s == 503)
+    assert requests.get(f"{server}/readyz", timeout=10).status_code == 200

@@ -130,6 +130,13 @@ def _serve(args) -> int:
     return 0
 
 
+def _serve_bench(args) -> int:
+    from serve.bench import run_serve_bench
+
+    run_serve_bench(args.model, args.clients, args.requests, args.steps)
+    return 0
+
+
 def _model_init(args) -> int:
     from unilip.config import ModelConfig, apply_overrides
     from unilip.model import UniLIP
@@ -272,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", help="require `Authorization: Bearer $VAR` with the key in this environment variable")
     p.add_argument("--max-batch-size", type=int, help="generation/edit requests per model call")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("serve-bench", help="HTTP overhead at batch 1 and batching speed-up under concurrent load")
+    p.add_argument("--model", required=True, help="model to serve (directory, s3://..., models:/...)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    p.add_argument("--requests", type=int, default=10, help="requests per client (default 10)")
+    p.add_argument("--steps", type=int, default=2, help="sampling steps per image (default 2)")
+    p.set_defaults(func=_serve_bench)
 
     p = sub.add_parser("model", help="model directories: create one from a preset")
     p.add_argument("action", choices=["init"])
