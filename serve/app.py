@@ -69,7 +69,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None
     if port:
         http["port"] = port
     try:
-        ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(config)
+        ServeDeploySchema.model_validate(config)
     except Exception as e:
         raise ConfigError(f"{path} is not a valid Ray Serve config: {e}") from None
     return config
