@@ -87,13 +87,12 @@ def ray_step_times(name: str, preset: str, overrides: list[str], init_from: str 
 
     import mlflow
 
-    from jobs.train import run_stage
-    from jobs.tracking import RUN_TAG
+    from jobs.tracking import find_run
+    from jobs.train import EXPERIMENT, run_stage
 
     run_stage(name, preset, 1, False, overrides, init_from, run_name, cpus_per_worker=1.0, log=log)
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
-    (run,) = mlflow.search_runs(experiment_names=["unilip-training"], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'",
-                                output_format="list")  # fmt: skip
+    run = find_run(EXPERIMENT, run_name)
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/step_s")
     return [m.value for m in sorted(history, key=lambda m: m.step)]
 

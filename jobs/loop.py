@@ -206,11 +206,11 @@ def train_loop(config: dict) -> None:
             set_lr(critic_opt, lr_at(step, tc))
         totals: dict[str, float] = {}
         consumed = []
+        critic_on = critic_opt is not None and net.recon_loss.gan_active(step)
         for _ in range(accumulation):
             raw = mixer.next_batch()
             consumed.append(raw)
             batch = collate(raw, device=device, dtype=engine.module.model.dtype)
-            critic_on = critic_opt is not None and net.recon_loss.gan_active(step)
             if critic_opt is not None:
                 critic.requires_grad_(False)  # the generator's adversarial term must not train it
             terms = engine(batch, step, rng, generator)
@@ -225,7 +225,7 @@ def train_loop(config: dict) -> None:
             for k, v in terms.items():
                 if k != "recon":
                     totals[k] = totals.get(k, 0.0) + float(v.detach()) / accumulation
-        if critic_opt is not None and net.recon_loss.gan_active(step):
+        if critic_on:
             critic_step(critic, critic_opt, tc.grad_clip, world)
         ema.update()
         for raw in consumed:

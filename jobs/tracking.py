@@ -29,11 +29,10 @@ class Tracker:
         self.mlflow = mlflow
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
-        exp = mlflow.set_experiment(experiment)
+        mlflow.set_experiment(experiment)
         if run_id is None:  # restarted before the first checkpoint: continue the run of that name
-            found = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'",
-                                       max_results=1, output_format="list")  # fmt: skip
-            run_id = found[0].info.run_id if found else None
+            found = find_run(experiment, run_name)
+            run_id = found.info.run_id if found else None
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags={RUN_TAG: run_name},
                                     log_system_metrics=False)  # fmt: skip
         self.run_id = self.run.info.run_id
@@ -86,19 +85,28 @@ class Tracker:
         self.mlflow.end_run()
 
 
+def find_run(experiment: str, run_name: str):
+    """The MLflow run of training run `run_name` (tag `unilip.run`), or None."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'",
+                               max_results=1, output_format="list")  # fmt: skip
+    return found[0] if found else None
+
+
 def latest_model(tracking_uri: str | None, name: str) -> str | None:
     """`models:/NAME/VERSION` of the newest registered version, or None."""
     import mlflow
 
+    from unilip.artifacts import newest_version
+
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    try:
-        versions = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
-    except mlflow.exceptions.MlflowException:
-        return None
-    if not versions:
-        return None
-    return f"models:/{name}/{max(int(v.version) for v in versions)}"
+    version = newest_version(name)
+    return None if version is None else f"models:/{name}/{version}"
 
 
 def image_grid(rows: list[list], cell: int = 128):

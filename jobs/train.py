@@ -133,13 +133,12 @@ def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = Fal
 def registered_model(tracking_uri: str | None, run_name: str) -> str:
     import mlflow
 
-    from jobs.tracking import RUN_TAG
+    from jobs.tracking import find_run
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    exp = mlflow.get_experiment_by_name(EXPERIMENT)
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", output_format="list")
-    uri = runs[0].data.tags.get("unilip.registered") if runs else None
+    run = find_run(EXPERIMENT, run_name)
+    uri = run.data.tags.get("unilip.registered") if run else None
     if not uri:
         raise RuntimeError(f"run {run_name} finished without registering a model")
     return uri

@@ -205,7 +205,6 @@ class Api:
                  api_key_file: str | None = None):  # fmt: skip
         self.model = model
         self.settings = Settings(model_name, max_body_bytes, api_key(api_key_env, api_key_file))
-        self.b64_limit = max_body_bytes
         self.ready = False
 
     def _authorize(self, request: Request) -> None:
@@ -269,7 +268,7 @@ class Api:
         data = await json_body(request, self.settings.max_body_bytes)
         if "image" not in data:
             raise ApiError(400, "'image' is required", "image")
-        image = b64_image(data["image"], "image", self.b64_limit)
+        image = b64_image(data["image"], "image", self.settings.max_body_bytes)
         field(data, "response_format", str, "b64_json", choices=("b64_json",))
         return images_response([await self._call("reconstruct", image)])
 
@@ -292,7 +291,7 @@ class Api:
             if kind == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             elif kind == "image_url" and isinstance(part.get("image_url"), dict):
-                images.append(b64_image(part["image_url"].get("url"), "image_url", self.b64_limit))
+                images.append(b64_image(part["image_url"].get("url"), "image_url", self.settings.max_body_bytes))
             else:
                 raise ApiError(400, "content parts must be {type: text, text} or {type: image_url, image_url: {url}}", "messages")
         if len(images) != 1:

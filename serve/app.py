@@ -80,11 +80,14 @@ def deployment_options(app_config: dict) -> dict[str, dict]:
     return {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app_config.get("deployments", [])}
 
 
-def wait_ready(url: str, timeout: float = 600, log=print) -> None:
+def wait_ready(url: str, timeout: float = 600, alive=lambda: True, why=lambda: "") -> None:
+    """Poll /readyz until 200; fail early if the model failed to load or `alive()` turns false."""
     import requests
 
     started = time.monotonic()
     while time.monotonic() - started < timeout:
+        if not alive():
+            raise RuntimeError(f"the server exited before it was ready{why()}")
         try:
             r = requests.get(f"{url}/readyz", timeout=5)
             if r.status_code == 200:
@@ -94,7 +97,46 @@ def wait_ready(url: str, timeout: float = 600, log=print) -> None:
         except requests.RequestException:
             pass
         time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
+    raise TimeoutError(f"{url} not ready after {timeout:.0f} s{why()}")
+
+
+class ServeProcess:
+    """`unilip serve ARGS` in a child process on a free port (benchmarks, tests): ready on
+    enter, stopped with Ctrl-C (SIGINT) on exit; `returncode` then holds its exit status."""
+
+    def __init__(self, model: str, *args: str, env: dict | None = None, log: Path | None = None):
+        import subprocess
+        import sys
+
+        from cluster.local import free_port
+
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = log
+        out = open(log, "w") if log else subprocess.DEVNULL
+        cmd = [sys.executable, "-m", "unilip.cli", "serve", "--model", model, "--port", self.url.rsplit(":", 1)[1], *args]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+        self.returncode: int | None = None
+
+    def tail(self) -> str:
+        return f"; log:\n{self.log.read_text()[-4000:]}" if self.log else ""
+
+    def __enter__(self) -> ServeProcess:
+        try:
+            wait_ready(self.url, alive=lambda: self.proc.poll() is None, why=self.tail)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import subprocess
+
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.returncode = self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.returncode = self.proc.wait()
 
 
 def run_local(config: dict, log=print, stop: threading.Event | None = None) -> None:
@@ -121,7 +163,7 @@ def run_local(config: dict, log=print, stop: threading.Event | None = None) -> N
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        wait_ready(url, log=log)
+        wait_ready(url)
         log(f"[serve] ready: {url}/v1/images/generations, /v1/images/edits, /v1/chat/completions, "
             f"/v1/reconstructions, /v1/models, /healthz, /readyz (Ctrl-C stops)")  # fmt: skip
         stop.wait()

@@ -15,45 +15,11 @@ The in-process model uses as many torch threads as the replica holds CPUs (serve
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 PROMPT = "a red fox standing in fresh snow"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`unilip serve` in a child process, stopped with Ctrl-C (SIGINT)."""
-
-    def __init__(self, model: str, max_batch_size: int):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "unilip.cli", "serve", "--model", model, "--port", str(self.port),
-               "--max-batch-size", str(max_batch_size)]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def __enter__(self):
-        from serve.app import wait_ready
-
-        wait_ready(self.url, timeout=600)
-        return self
-
-    def __exit__(self, *exc):
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def post(session, url: str, steps: int, seed: int) -> float:
@@ -83,6 +49,7 @@ def run_serve_bench(model: str, clients: int = 8, requests_per_client: int = 10,
     import requests
     import torch
 
+    from serve.app import ServeProcess
     from unilip.artifacts import fetch_model
     from unilip.model import UniLIP
     from unilip.s3 import s3_access
@@ -102,7 +69,7 @@ def run_serve_bench(model: str, clients: int = 8, requests_per_client: int = 10,
     result = {"in_process_median_s": statistics.median(in_process)}
     for batch in (4, 1):
         log(f"[serve-bench] server with max_batch_size {batch} ...")
-        with Server(model, batch) as server, requests.Session() as s:
+        with ServeProcess(model, "--max-batch-size", str(batch)) as server, requests.Session() as s:
             if batch == 4:
                 post(s, server.url, steps, 0)  # warm-up
                 http = [post(s, server.url, steps, i) for i in range(repeats)]

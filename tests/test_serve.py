@@ -5,11 +5,6 @@ input, auth and concurrent load."""
 import base64
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,47 +13,20 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import ROOT
+from serve.app import ServeProcess
 from unilip.model import UniLIP
 
 KEY = "test-key-123"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(stack, tmp_path_factory):
     model_dir = UniLIP.from_preset("tiny").save_pretrained(tmp_path_factory.mktemp("serve") / "unilip-tiny")
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("serve-log") / "serve.log", "w+")
-    env = {**os.environ, "UNILIP_TEST_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "unilip.cli", "serve", "--model", str(model_dir), "--port", str(port),
-                             "--api-key-env", "UNILIP_TEST_KEY"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, open(log.name).read()[-4000:]
-            try:
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("server not ready: " + open(log.name).read()[-4000:])
-        yield url
-    finally:
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: the command shuts Serve down and exits
-        try:
-            assert proc.wait(timeout=120) == 0, open(log.name).read()[-4000:]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    proc = ServeProcess(str(model_dir), "--api-key-env", "UNILIP_TEST_KEY", env={"UNILIP_TEST_KEY": KEY}, log=log)
+    with proc:
+        yield proc.url
+    assert proc.returncode == 0, log.read_text()[-4000:]  # Ctrl-C: the command shuts Serve down and exits
 
 
 def auth(headers: dict | None = None) -> dict:

@@ -30,6 +30,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("UNILIP_CACHE", Path.home() / ".cache" / "unilip"))
 
 
+def newest_version(name: str) -> int | None:
+    """The newest version number of registered model `name` (None: no such model or no versions)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    return max((int(v.version) for v in versions), default=None)
+
+
 def pinned(uri: str) -> str:
     """`models:/NAME@ALIAS` or `models:/NAME/latest` -> `models:/NAME/VERSION`; other URIs unchanged."""
     m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/latest)", uri)
@@ -38,17 +50,15 @@ def pinned(uri: str) -> str:
     from mlflow import MlflowClient
 
     name, alias = m.groups()
-    client = MlflowClient()
-    try:
-        if alias:
-            version = client.get_model_version_by_alias(name, alias).version
-        else:
-            versions = client.search_model_versions(f"name = '{name}'")
-            if not versions:
-                raise ValueError(f"registered model {name!r} has no versions")
-            version = max(int(v.version) for v in versions)
-    except Exception as e:  # MlflowException: unknown name or alias
-        raise ValueError(f"cannot resolve {uri}: {e}") from None
+    if alias:
+        try:
+            version = MlflowClient().get_model_version_by_alias(name, alias).version
+        except Exception as e:  # MlflowException: unknown name or alias
+            raise ValueError(f"cannot resolve {uri}: {e}") from None
+    else:
+        version = newest_version(name)
+        if version is None:
+            raise ValueError(f"cannot resolve {uri}: registered model {name!r} has no versions")
     return f"models:/{name}/{version}"
 
 
