@@ -311,7 +311,9 @@ class LocalStack:
         ]  # fmt: skip
         if self.num_cpus:
             cmd += ["--num-cpus", str(self.num_cpus)]
-        pid, log = self._spawn("ray", cmd, {**self.env(), **RAY_LOCAL_ENV})
+        # Job drivers run `python` from PATH: the project's interpreter comes first.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        pid, log = self._spawn("ray", cmd, {**self.env(), **RAY_LOCAL_ENV, "PATH": path})
         svc = Service("ray", pid, gcs, log, ports=ports)
         state["ray_temp_dir"] = temp
         dashboard = f"http://{HOST}:{ports['dashboard']}/api/version"

@@ -21,7 +21,7 @@ import json
 import os
 import re
 
-from jobs.recipes import load_recipe, recipe_names
+from jobs.recipes import chain, load_recipe
 from pipelines.position import Position
 from unilip.config import ConfigError, Recipe, to_dict
 from unilip.s3 import S3Access, s3_access
@@ -30,7 +30,8 @@ EXPERIMENT = "unilip-training"
 
 
 def model_name(preset: str, recipe: str) -> str:
-    return f"unilip-{preset}-{recipe}"
+    """Registered model name: unilip-tiny-gen-stage3, unilip-1b-gen-stage3."""
+    return f"{preset if preset.startswith('unilip-') else 'unilip-' + preset}-{recipe}"
 
 
 def expand(uri: str | None, what: str) -> str | None:
@@ -142,20 +143,6 @@ def registered_model(tracking_uri: str | None, run_name: str) -> str:
     if not uri:
         raise RuntimeError(f"run {run_name} finished without registering a model")
     return uri
-
-
-def chain() -> list[str]:
-    """Every recipe in training order (each after the one it starts from)."""
-    recipes = {n: load_recipe(n) for n in recipe_names()}
-    order, done = [], set()
-    while len(order) < len(recipes):
-        ready = [n for n, r in sorted(recipes.items()) if n not in done and (r.after is None or r.after in done)]
-        if not ready:
-            raise ConfigError(f"recipes {sorted(set(recipes) - done)} form a cycle or follow an unknown recipe")
-        nxt = min(ready, key=lambda n: (recipes[n].kind != "reconstruction", n))
-        order.append(nxt)
-        done.add(nxt)
-    return order
 
 
 def run_all(preset: str = "tiny", workers: int = 2, gpu: bool = False, overrides: list[str] | None = None,

@@ -28,6 +28,20 @@ def s3(stack):
     return stack.s3()
 
 
+@pytest.fixture(scope="session")
+def sample(stack, s3):
+    """The sample dataset the recipes' tiny variants read (small images), MLflow pointed at the stack."""
+    import mlflow
+
+    from pipelines.sample_data import build_sample_dataset
+
+    root = f"s3://{stack.bucket}"
+    build_sample_dataset(f"{root}/sample", s3, 32, 16, shard_size=8, size=128, log=lambda m: None)
+    build_sample_dataset(f"{root}/sample-eval", s3, 4, 0, seed=1, shard_size=4, size=128, log=lambda m: None)
+    mlflow.set_tracking_uri(stack.env()["MLFLOW_TRACKING_URI"])
+    return root
+
+
 @pytest.fixture(scope="module")
 def ray_session(stack):
     """A driver connected to the stack's Ray for the tests of one module."""

@@ -13,21 +13,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from jobs.fid import inception_network
-from jobs.train import EXPERIMENT, chain
-from pipelines.sample_data import build_sample_dataset
+from jobs.recipes import chain
+from jobs.train import EXPERIMENT
 from pipelines.shards import join, read_manifest
 from tests.conftest import run_cli
 from unilip.artifacts import fetch_model
 from unilip.model import UniLIP
-
-
-@pytest.fixture(scope="module")
-def sample(stack, s3):
-    root = f"s3://{stack.bucket}"
-    build_sample_dataset(f"{root}/sample", s3, 32, 16, shard_size=8, size=128, log=lambda m: None)
-    build_sample_dataset(f"{root}/sample-eval", s3, 4, 0, seed=1, shard_size=4, size=128, log=lambda m: None)
-    mlflow.set_tracking_uri(stack.env()["MLFLOW_TRACKING_URI"])
-    return root
 
 
 def train(*args, timeout=900):

@@ -5,6 +5,9 @@
     unilip data sample --out s3://unilip/sample --gen 200 --edit 100
     unilip recipe list
     unilip recipe show gen-stage2 --set train.lr=2e-4
+    unilip plan gen-stage2 --gpus 16 --gpu a100-80g
+    unilip submit recon-stage1 --preset unilip-1b --workers 4 --gpu --address http://HEAD:8265 --follow
+    unilip jobs list|status|logs|stop [JOB_ID] --address http://HEAD:8265
     unilip demo
 
 Each subcommand imports what it needs when it runs, so `unilip --help` stays fast and
@@ -115,6 +118,43 @@ def _train(args) -> int:
     return 0
 
 
+def _submit(args) -> int:
+    from cluster.submit import follow, submit
+
+    job_id = submit(args.recipe, _train_argv(args), args.address, args.env, args.job_id)
+    print(f"submitted job {job_id}: unilip jobs status {job_id} --address {args.address or '$RAY_API_SERVER_ADDRESS'}", flush=True)
+    if not args.follow:
+        return 0
+    status = follow(args.address, job_id)
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _jobs(args) -> int:
+    from cluster import submit as jobs
+
+    if args.action == "list":
+        rows = jobs.list_jobs(args.address)
+        print(f"{'JOB ID':<30} {'STATUS':<10} {'STARTED':<20} {'RECIPE':<18} ENTRYPOINT")
+        for r in rows:
+            print(f"{r['id']:<30} {r['status']:<10} {r['start']:<20} {r['recipe']:<18} {r['entrypoint']}")
+        return 0
+    if not args.job_id:
+        raise ValueError(f"jobs {args.action} needs a JOB_ID (see `unilip jobs list`)")
+    if args.action == "status":
+        info = jobs.job_status(args.address, args.job_id)
+        print(f"{info['id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+        return 0
+    if args.action == "logs":
+        if args.follow:
+            return 0 if jobs.follow(args.address, args.job_id) == "SUCCEEDED" else 1
+        print(jobs.job_logs(args.address, args.job_id), end="")
+        return 0
+    stopped = jobs.stop_job(args.address, args.job_id)
+    print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
 def _train_bench(args) -> int:
     from jobs.bench import run_step_bench
 
@@ -134,6 +174,18 @@ def _serve_bench(args) -> int:
     from serve.bench import run_serve_bench
 
     run_serve_bench(args.model, args.clients, args.requests, args.steps)
+    return 0
+
+
+def _plan(args) -> int:
+    from cluster.plan import assumptions, format_plan, make_plan
+    from jobs.recipes import chain
+
+    names = chain() if args.recipe == "all" else [args.recipe]
+    plans = [make_plan(name, args.preset, args.gpus, args.gpu, args.price, args.mfu, args.decode_rate) for name in names]
+    for plan in plans:
+        print(format_plan(plan) + "\n")
+    print(assumptions(plans[-1]))
     return 0
 
 
@@ -209,6 +261,30 @@ def _demo(args) -> int:
     return 0
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    """The options of `unilip train`, shared with `unilip submit` (which passes them on)."""
+    p.add_argument("recipe", help="recipe name (unilip recipe list) or `all` for the whole chain")
+    p.add_argument("--preset", default="tiny", help="tiny | unilip-1b | unilip-3b (tiny also picks the recipe's tiny variant)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl, bf16)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field, e.g. train.zero_stage=3")
+    p.add_argument("--from", dest="from_uri", help="start from this model: DIR, s3://..., models:/NAME/VERSION")
+    p.add_argument("--run-name", help="run name (default RECIPE-PRESET); the same name resumes")
+    p.add_argument("--storage", help="checkpoint storage (default s3://$UNILIP_BUCKET/runs)")
+    p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: 1 with GPUs, else half the cluster's CPUs shared)")
+
+
+def _train_argv(args) -> list[str]:
+    """The parsed train options back as command-line arguments."""
+    argv = ["--preset", args.preset, "--workers", str(args.workers)]
+    argv += ["--gpu"] if args.gpu else []
+    argv += [a for item in args.set for a in ("--set", item)]
+    for dest, flag in (("from_uri", "--from"), ("run_name", "--run-name"), ("storage", "--storage"), ("cpus_per_worker", "--cpus-per-worker")):
+        if getattr(args, dest) is not None:
+            argv += [flag, str(getattr(args, dest))]
+    return argv
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unilip", description="UniLIP training and serving system.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -250,17 +326,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_recipe)
 
     p = sub.add_parser("train", help="train a stage (or `all` of them) on the Ray cluster: Ray Train + DeepSpeed")
-    p.add_argument("recipe", help="recipe name (unilip recipe list) or `all` for the whole chain")
-    p.add_argument("--preset", default="tiny", help="tiny | unilip-1b | unilip-3b (tiny also picks the recipe's tiny variant)")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl, bf16)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field, e.g. train.zero_stage=3")
-    p.add_argument("--from", dest="from_uri", help="start from this model: DIR, s3://..., models:/NAME/VERSION")
-    p.add_argument("--run-name", help="run name (default RECIPE-PRESET); the same name resumes")
-    p.add_argument("--storage", help="checkpoint storage (default s3://$UNILIP_BUCKET/runs)")
-    p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: 1 with GPUs, else half the cluster's CPUs shared)")
+    _train_args(p)
     p.add_argument("--export-dir", help="also copy the final model directory here")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("submit", help="submit `unilip train RECIPE ...` to a Ray cluster as a Ray job")
+    _train_args(p)
+    p.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment variable for the job")
+    p.add_argument("--job-id", help="submission id (default: Ray picks one)")
+    p.add_argument("--follow", action="store_true", help="stream the job's log until it ends; exit 1 unless it SUCCEEDED")
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("jobs", help="list Ray jobs, or show the status or log of one, or stop it")
+    p.add_argument("action", choices=["list", "status", "logs", "stop"])
+    p.add_argument("job_id", nargs="?", help="job id (status, logs, stop)")
+    p.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS)")
+    p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    p.set_defaults(func=_jobs)
+
+    p = sub.add_parser("plan", help="estimate step time, wall clock, GPU hours, cost and decode cores of a recipe")
+    p.add_argument("recipe", help="recipe name or `all`")
+    p.add_argument("--preset", default="unilip-1b", help="unilip-1b | unilip-3b (default unilip-1b)")
+    p.add_argument("--gpus", type=int, help="GPUs (default: the paper's, 4 for reconstruction, 16 for generation)")
+    p.add_argument("--gpu", default="a100-80g", help="a100-40g | a100-80g | h100-80g (default a100-80g)")
+    p.add_argument("--price", type=float, help="USD per GPU-hour (default: the AWS on-demand list price)")
+    p.add_argument("--mfu", type=float, default=0.35, help="achieved fraction of peak FLOP/s (default 0.35)")
+    p.add_argument("--decode-rate", type=float, default=45.0, help="images/s one CPU core decodes (default 45, `unilip data bench`)")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("train-bench", help="time per optimizer step: `unilip train` (1 worker) vs a bare PyTorch loop")
     p.add_argument("recipe", help="recipe name (a stage without the adversarial step, e.g. recon-stage1)")
@@ -334,13 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from cluster.local import StackError
+    from cluster.submit import ClusterError
     from unilip.config import ConfigError
     from unilip.s3 import S3Error
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, S3Error, StackError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, S3Error, StackError, ClusterError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,7 +4,8 @@
 #   bash cluster/env/install.sh .venv test     # with test extras
 # Every version comes from cluster/env/constraints.txt (exported as PIP_CONSTRAINT so
 # it also reaches isolated build environments). Without an NVIDIA GPU it installs the
-# CPU build of torch and fails if any CUDA package slipped in.
+# CPU build of torch and fails if any CUDA package slipped in; UNILIP_CUDA=1 forces the CUDA
+# build (container images are built on machines without a GPU).
 set -euo pipefail
 
 venv=${1:?usage: install.sh VENV [EXTRAS]}
@@ -24,8 +25,8 @@ fi
 pip=("$venv/bin/python" -m pip install --quiet)
 "${pip[@]}" pip setuptools wheel
 
-if have_gpu; then
-  step "NVIDIA GPU found: CUDA torch"
+if [ "${UNILIP_CUDA:-0}" = 1 ] || have_gpu; then
+  step "CUDA torch (NVIDIA GPU found or UNILIP_CUDA=1)"
   "${pip[@]}" torch torchvision
   ds_env=(DS_BUILD_SHM_COMM=1)
 else
@@ -50,7 +51,7 @@ site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 cp "$here/torchvision_compat.py" "$site/_unilip_torchvision_compat.py"
 echo "import _unilip_torchvision_compat" > "$site/_unilip_torchvision_compat.pth"
 
-if ! have_gpu; then
+if [ "${UNILIP_CUDA:-0}" != 1 ] && ! have_gpu; then
   cuda=$("$venv/bin/python" -m pip list --format=freeze | grep -i -E '^(nvidia-|triton)' || true)
   if [ -n "$cuda" ]; then
     echo "[install] error: CUDA packages were installed on a machine without a GPU:" >&2

@@ -37,3 +37,17 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None, variant: 
             raise ConfigError(f"recipe {data.get('name', path.stem)!r} has no variant {variant!r}; it has: {', '.join(variants) or 'none'}")
         data = merge(data, variants[variant])
     return apply_overrides(from_dict(Recipe, data), overrides or [])
+
+
+def chain() -> list[str]:
+    """Every recipe in training order (each after the one it starts from)."""
+    recipes = {n: load_recipe(n) for n in recipe_names()}
+    order, done = [], set()
+    while len(order) < len(recipes):
+        ready = [n for n, r in sorted(recipes.items()) if n not in done and (r.after is None or r.after in done)]
+        if not ready:
+            raise ConfigError(f"recipes {sorted(set(recipes) - done)} form a cycle or follow an unknown recipe")
+        nxt = min(ready, key=lambda n: (recipes[n].kind != "reconstruction", n))
+        order.append(nxt)
+        done.add(nxt)
+    return order

@@ -1,0 +1,363 @@
+"""Run planner: what a recipe costs on rented GPUs, before renting them.
+
+    unilip plan gen-stage2 --gpus 16 --gpu a100-80g
+    unilip plan all --preset unilip-3b --price 3.2
+
+The FLOPs model (forward FLOPs, 2 per multiply-add, per training sample):
+
+- Transformer stacks (InternViT, the Qwen2 LLM, the connector), per layer over T tokens of
+  width d with q = heads x head_dim and k = kv_heads x head_dim:
+  projections 2T.d.(q + 2k) + 2T.q.d, attention 4T^2.q (QK^T and AV, counted in full also
+  when causal), MLP 2T.d.m x 3 (SwiGLU) or x 2 (GELU).
+- InternViT adds its patch embedding 2T.(3.14^2).d; T = (res/14)^2 + 1 (the CLS token).
+- Projector (pixel shuffle 0.5 -> LayerNorm -> Linear -> GELU -> Linear) over (res/28)^2
+  tokens: 2T.(4.d_vit.d + d^2). Down-projection: 3 residual MLPs 2T.2d^2 each, then
+  2T.(32d + 32^2).
+- SANA DiT per layer over T latent tokens and S condition tokens, width d, FFN hidden
+  h = 2.5d: linear self-attention 2T.4d^2 + 4T.d.(head_dim + 1) (K^T V with the
+  normaliser row, then Q (K^T V)), cross-attention 2T.2d^2 + 2S.2d^2 + 4T.S.d, GLUMBConv
+  2T.d.2h + 2T.2h.9 + 2T.h.d; plus the caption projection 2S.(c.d + d^2) once.
+- Convolutional parts (DC-AE decoder and encoder, the LPIPS AlexNet, the patch
+  discriminator): the real classes are built from their published configs on the meta
+  device (no weights, no memory) and counted by torch's FLOP counter.
+
+Training multiplies each part's forward by 3 when it is trained (forward, input and weight
+gradients), by 2 when it is frozen but gradients pass through it (the frozen LLM under the
+trainable queries, the frozen DiT in generation stage 1, LPIPS and the discriminator under
+the decoder), and by 1 when it only runs forward. Step time is FLOPs / (GPUs x peak x MFU):
+the achievable fraction of peak (MFU) is an assumption, printed with the result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+# Dense bf16 peak TFLOP/s and an on-demand price per GPU-hour (AWS us-east-1 list prices:
+# p4d.24xlarge $32.77/h, p4de.24xlarge $40.97/h, p5.48xlarge $98.32/h, 8 GPUs each).
+GPUS = {
+    "a100-40g": (312.0, 32.77 / 8),
+    "a100-80g": (312.0, 40.97 / 8),
+    "h100-80g": (989.0, 98.32 / 8),
+}
+DEFAULT_MFU = 0.35  # sustained fraction of peak for mid-sized transformer training in bf16
+# Images per second per CPU core decoding ~1024 px JPEGs to 448 px (BENCHMARKS.md, data plane)
+DEFAULT_DECODE_RATE = 45.0
+# Published sample counts of the recipes' sources (UNILIP_FACTS.md, the paper section 4.1)
+SOURCE_SIZES = {
+    "blip3o-long": 27_200_000, "blip3o-short": 4_770_000, "journeydb": 4_280_000,
+    "gpt-image-edit": 1_500_000, "blip3o-60k": 60_000, "sharegpt-4o-image": 46_000,
+}  # fmt: skip
+PAPER_GPUS = {"reconstruction": 4, "generation": 16}  # 4 A100s; 2 nodes x 8
+PAPER_LATENCY_S = {"unilip-1b": 1.4, "unilip-3b": 1.7}  # Table 9, one A100, 20 steps, 448 px
+
+
+@dataclass(frozen=True)
+class Transformer:
+    layers: int
+    width: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mlp: int
+    gated: bool  # SwiGLU (gate, up, down) or a two-matrix GELU MLP
+
+
+@dataclass(frozen=True)
+class SanaDiT:
+    layers: int
+    width: int
+    head_dim: int
+    mlp_ratio: float = 2.5
+    caption_channels: int = 2304
+    in_channels: int = 32
+
+
+@dataclass(frozen=True)
+class Architecture:
+    vit: Transformer
+    llm: Transformer
+    dit: SanaDiT
+    connector_layers: int = 6
+    patch: int = 14
+    latent_channels: int = 32
+
+
+INTERN_VIT_300M = Transformer(layers=24, width=1024, heads=16, kv_heads=16, head_dim=64, mlp=4096, gated=False)
+ARCHITECTURES = {
+    # InternVL3-1B: Qwen2.5-0.5B; SANA 600M. InternVL3-2B: Qwen2.5-1.5B; SANA 1600M.
+    "unilip-1b": Architecture(INTERN_VIT_300M, Transformer(24, 896, 14, 2, 64, 4864, True), SanaDiT(28, 1152, 32)),
+    "unilip-3b": Architecture(INTERN_VIT_300M, Transformer(28, 1536, 12, 2, 128, 8960, True), SanaDiT(20, 2240, 32)),
+}
+# dc-ae-f32c32-sana-1.1-diffusers/config.json (the fields that shape the computation)
+DCAE_CONFIG = dict(
+    latent_channels=32, attention_head_dim=32,
+    encoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
+    decoder_block_types=["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
+    encoder_block_out_channels=[128, 256, 512, 512, 1024, 1024], decoder_block_out_channels=[128, 256, 512, 512, 1024, 1024],
+    encoder_layers_per_block=[2, 2, 2, 3, 3, 3], decoder_layers_per_block=[3, 3, 3, 3, 3, 3],
+    encoder_qkv_multiscales=[[], [], [], [5], [5], [5]], decoder_qkv_multiscales=[[], [], [], [5], [5], [5]],
+    upsample_block_type="interpolate", downsample_block_type="Conv",
+    decoder_norm_types=["batch_norm"] * 3 + ["rms_norm"] * 3, decoder_act_fns=["relu"] * 3 + ["silu"] * 3,
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def transformer_flops(t: Transformer, tokens: int, layers: int | None = None) -> float:
+    """Forward FLOPs of `layers` (default all) layers over `tokens` tokens, full attention."""
+    q, kv = t.heads * t.head_dim, t.kv_heads * t.head_dim
+    projections = 2 * tokens * t.width * (q + 2 * kv) + 2 * tokens * q * t.width
+    attention = 4 * tokens * tokens * q
+    mlp = 2 * tokens * t.width * t.mlp * (3 if t.gated else 2)
+    return (t.layers if layers is None else layers) * (projections + attention + mlp)
+
+
+def vit_flops(arch: Architecture, resolution: int) -> float:
+    tokens = (resolution // arch.patch) ** 2 + 1
+    return 2 * tokens * 3 * arch.patch**2 * arch.vit.width + transformer_flops(arch.vit, tokens)
+
+
+def projector_flops(arch: Architecture, resolution: int) -> float:
+    tokens, d = (resolution // (2 * arch.patch)) ** 2, arch.llm.width
+    return 2 * tokens * (4 * arch.vit.width * d + d * d)
+
+
+def down_proj_flops(arch: Architecture, resolution: int) -> float:
+    tokens, d, c = (resolution // (2 * arch.patch)) ** 2, arch.llm.width, arch.latent_channels
+    return 3 * 2 * tokens * 2 * d * d + 2 * tokens * (c * d + c * c)
+
+
+def dit_flops(dit: SanaDiT, tokens: int, cond_tokens: int) -> float:
+    """Forward FLOPs of one SANA DiT evaluation (patch size 1: tokens = latent pixels)."""
+    d, h, T, S = dit.width, int(dit.mlp_ratio * dit.width), tokens, cond_tokens
+    self_attn = 2 * T * 4 * d * d + 4 * T * d * (dit.head_dim + 1)
+    cross_attn = 2 * T * 2 * d * d + 2 * S * 2 * d * d + 4 * T * S * d
+    ffn = 2 * T * d * 2 * h + 2 * T * 2 * h * 9 + 2 * T * h * d
+    io = 2 * S * (dit.caption_channels * d + d * d) + 2 * T * 2 * dit.in_channels * d
+    return dit.layers * (self_attn + cross_attn + ffn) + io
+
+
+def counted_flops(module, *inputs) -> float:
+    """Forward FLOPs of a module counted by torch on meta tensors (shapes only)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(*(torch.empty(shape, device="meta") for shape in inputs))
+    return float(counter.get_total_flops())
+
+
+def _on_meta(build):
+    import torch
+
+    with torch.device("meta"):
+        return build()
+
+
+def conv_part_flops(name: str, resolution: int) -> float:
+    """DC-AE decoder/encoder, LPIPS AlexNet and the patch discriminator at `resolution`."""
+    from diffusers import AutoencoderDC
+
+    out = 512 * resolution // 448  # the pixel decoder renders 32x the latent, then resizes
+    if name in ("dcae_decoder", "dcae_encoder"):
+        dcae = _on_meta(lambda: AutoencoderDC(**DCAE_CONFIG))
+        if name == "dcae_decoder":
+            return counted_flops(dcae.decoder, (1, 32, out // 32, out // 32))
+        return counted_flops(dcae.encoder, (1, 3, out, out))
+    if name == "lpips":
+        from torchvision.models import alexnet
+
+        return counted_flops(_on_meta(alexnet).features, (1, 3, resolution, resolution))
+    if name == "discriminator":
+        from unilip.losses import PatchDiscriminator
+
+        return counted_flops(_on_meta(PatchDiscriminator), (1, 3, resolution, resolution))
+    raise ValueError(f"unknown convolutional part {name!r}")
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@dataclass
+class Part:
+    name: str
+    flops: float  # forward FLOPs per sample
+    passes: float  # 1 forward only, 2 gradients pass through, 3 trained
+
+    @property
+    def train_flops(self) -> float:
+        return self.flops * self.passes
+
+
+def edit_fraction(recipe) -> float:
+    """Share of editing samples under the recipe's task-balanced weights (published sizes)."""
+    weights = {"generation": 0.0, "editing": 0.0}
+    for s in recipe.data.sources:
+        if s.name not in SOURCE_SIZES:
+            raise ValueError(f"no published size for source {s.name!r}; known: {', '.join(SOURCE_SIZES)}")
+        weights[s.task] += s.multiplier * SOURCE_SIZES[s.name]
+    return weights["editing"] / (weights["generation"] + weights["editing"])
+
+
+def condition_tokens(arch: Architecture, edit: bool, prompt_tokens: int, num_queries: int) -> int:
+    """LLM sequence: chat template + prompt, [<img> 256 x IMG_CONTEXT </img>], <img> + queries."""
+    image = (448 // (2 * arch.patch)) ** 2 + 2 if edit else 0
+    return prompt_tokens + image + 1 + num_queries
+
+
+def recipe_parts(recipe, arch: Architecture, prompt_tokens: int = 64) -> list[Part]:
+    """Per-sample forward FLOPs and passes of every part a recipe's training step runs."""
+    res, trained = recipe.data.resolution, set(recipe.train.trainable)
+    if recipe.kind == "reconstruction":
+        enc = 3 if "encoder" in trained else 1
+        parts = [
+            Part("InternViT", vit_flops(arch, res), enc),
+            Part("projector", projector_flops(arch, res), enc),
+            Part("down-projection", down_proj_flops(arch, res), 3),
+            Part("DC-AE decoder", conv_part_flops("dcae_decoder", res), 3),
+            Part("LPIPS AlexNet", conv_part_flops("lpips", res), 2),
+        ]
+        if "encoder" in trained:  # the frozen original encoder for self-distillation
+            parts.append(Part("InternViT teacher", vit_flops(arch, res) + projector_flops(arch, res), 1))
+        start = recipe.train.gan_start_step
+        if start is not None and start < recipe.train.steps:
+            # the decoder's gradient passes through D (2), D trains on real and fake (2 x 3);
+            # averaged over the steps the adversarial loss is on
+            on = (recipe.train.steps - start) / recipe.train.steps
+            parts.append(Part("discriminator", conv_part_flops("discriminator", res), (2 + 2 * 3) * on))
+        return parts
+    edit = edit_fraction(recipe)
+    num_queries = recipe.model.num_queries
+    seq = (1 - edit) * condition_tokens(arch, False, prompt_tokens, num_queries) + edit * condition_tokens(
+        arch, True, prompt_tokens, num_queries
+    )
+    seq = round(seq)
+    connector = Transformer(**{**arch.llm.__dict__, "layers": recipe.model.connector_layers})
+    latent = (res // (2 * arch.patch)) ** 2
+    target = (
+        Part("DC-AE encoder (target)", conv_part_flops("dcae_encoder", res), 1)
+        if recipe.model.latent_space == "dcae"
+        else Part("UniLIP encoder (target)", vit_flops(arch, res) + projector_flops(arch, res) + down_proj_flops(arch, res), 1)
+    )
+    return [
+        Part("LLM", transformer_flops(arch.llm, seq), 2 if "queries" in trained else 1),
+        Part("InternViT (edit reference)", edit * (vit_flops(arch, res) + projector_flops(arch, res)), 1),
+        Part("connector", transformer_flops(connector, seq) + 2 * seq * arch.llm.width * arch.dit.caption_channels, 3),
+        Part("SANA DiT", dit_flops(arch.dit, latent, seq), 3 if "dit" in trained else 2),
+        target,
+    ]
+
+
+def inference_flops(arch: Architecture, steps: int = 20, prompt_tokens: int = 64, num_queries: int = 256) -> float:
+    """One 448 px text-to-image sample: LLM + connector and DiT for the CFG pair, then decode."""
+    seq = condition_tokens(arch, False, prompt_tokens, num_queries)
+    connector = Transformer(**{**arch.llm.__dict__, "layers": arch.connector_layers})
+    condition = transformer_flops(arch.llm, seq) + transformer_flops(connector, seq)
+    return 2 * condition + steps * 2 * dit_flops(arch.dit, 256, seq) + conv_part_flops("dcae_decoder", 448)
+
+
+@dataclass
+class Plan:
+    recipe: str
+    preset: str
+    gpus: int
+    gpu: str
+    mfu: float
+    price: float
+    decode_rate: float
+    parts: list[Part] = field(default_factory=list)
+    steps: int = 0
+    global_batch: int = 0
+    images_per_sample: float = 1.0
+
+    @property
+    def flops_per_sample(self) -> float:
+        return sum(p.train_flops for p in self.parts)
+
+    @property
+    def step_s(self) -> float:
+        peak = GPUS[self.gpu][0] * 1e12
+        return self.flops_per_sample * self.global_batch / (self.gpus * peak * self.mfu)
+
+    @property
+    def wall_h(self) -> float:
+        return self.steps * self.step_s / 3600
+
+    @property
+    def gpu_hours(self) -> float:
+        return self.wall_h * self.gpus
+
+    @property
+    def cost(self) -> float:
+        return self.gpu_hours * self.price
+
+    @property
+    def decode_cores(self) -> int:
+        images_per_s = self.global_batch / self.step_s * self.images_per_sample
+        return math.ceil(images_per_s / self.decode_rate)
+
+
+def make_plan(recipe_name: str, preset: str = "unilip-1b", gpus: int | None = None, gpu: str = "a100-80g",
+              price: float | None = None, mfu: float = DEFAULT_MFU, decode_rate: float = DEFAULT_DECODE_RATE,
+              prompt_tokens: int = 64) -> Plan:  # fmt: skip
+    from jobs.recipes import load_recipe
+
+    if preset not in ARCHITECTURES:
+        raise ValueError(f"no FLOPs model for preset {preset!r}; known: {', '.join(ARCHITECTURES)}")
+    if gpu not in GPUS:
+        raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
+    recipe = load_recipe(recipe_name)
+    gpus = gpus or PAPER_GPUS[recipe.kind]
+    if gpus < 1:
+        raise ValueError(f"--gpus must be at least 1, got {gpus}")
+    plan = Plan(recipe.name, preset, gpus, gpu, mfu, GPUS[gpu][1] if price is None else price, decode_rate)
+    plan.parts = recipe_parts(recipe, ARCHITECTURES[preset], prompt_tokens)
+    plan.steps, plan.global_batch = recipe.train.steps, recipe.train.global_batch
+    plan.images_per_sample = 1 + (edit_fraction(recipe) if recipe.kind == "generation" else 0)
+    return plan
+
+
+def _human(x: float, unit: str = "") -> str:
+    for scale, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M")):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {suffix}{unit}"
+    return f"{x:.0f} {unit}"
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [f"== {plan.recipe} ({plan.preset}) on {plan.gpus} x {plan.gpu}: {plan.steps:,} steps x batch {plan.global_batch}"]
+    lines.append(f"  {'part':<28}{'fwd FLOPs/sample':>18}{'passes':>8}{'train FLOPs':>14}")
+    for p in plan.parts:
+        lines.append(f"  {p.name:<28}{_human(p.flops, 'FLOP'):>18}{p.passes:>8g}{_human(p.train_flops, 'FLOP'):>14}")
+    lines += [
+        f"  {'total per sample':<54}{_human(plan.flops_per_sample, 'FLOP'):>14}",
+        f"  step time       {plan.step_s:8.2f} s",
+        f"  wall clock      {plan.wall_h:8.1f} h ({plan.wall_h / 24:.1f} days)",
+        f"  GPU hours       {plan.gpu_hours:8.0f}",
+        f"  cost            {plan.cost:8,.0f} USD at {plan.price:.2f} USD per GPU-hour",
+        f"  Ray Data        {plan.decode_cores:8d} CPU cores to decode {plan.global_batch / plan.step_s * plan.images_per_sample:.0f} images/s"
+        f" at {plan.decode_rate:g} images/s per core",
+    ]
+    return "\n".join(lines)
+
+
+def assumptions(plan: Plan) -> str:
+    peak = GPUS[plan.gpu][0]
+    arch = ARCHITECTURES[plan.preset]
+    latency = inference_flops(arch) / (peak * 1e12)
+    paper = PAPER_LATENCY_S[plan.preset]
+    return "\n".join([
+        "Assumptions:",
+        f"  peak {peak:g} TFLOP/s bf16 dense per {plan.gpu}; achieved fraction (MFU) {plan.mfu:.0%} (--mfu)",
+        f"  prompts of 64 tokens; editing share from the recipe's multipliers x published source sizes",
+        f"  decode rate {plan.decode_rate:g} images/s per core (--decode-rate; `unilip data bench` measures it)",
+        "  the paper reports no training wall clock or GPU hours, only the hardware: "
+        "4 A100s (reconstruction), 2 nodes x 8 A100s (generation)",
+        f"  inference check: one 448 px image (20 steps, CFG) is {_human(inference_flops(arch), 'FLOP')}, "
+        f"{latency * 1000:.0f} ms at peak; the paper measures {paper} s on one A100 (Table 9), "
+        f"i.e. {latency / paper:.1%} of peak at batch 1",
+    ])  # fmt: skip

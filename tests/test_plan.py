@@ -1,0 +1,106 @@
+"""The run planner: its FLOPs model against hand-computed values and torch's FLOP counter."""
+
+import pytest
+import torch
+
+from cluster.plan import (GPUS, SOURCE_SIZES, SanaDiT, Transformer, _on_meta, counted_flops, dit_flops, edit_fraction,
+                          make_plan, transformer_flops)  # fmt: skip
+from jobs.recipes import chain, load_recipe
+from tests.conftest import run_cli
+
+
+def test_transformer_flops_by_hand():
+    t = Transformer(layers=2, width=4, heads=2, kv_heads=1, head_dim=2, mlp=8, gated=True)
+    # q = 4, kv = 2, T = 3: projections 2.3.4.(4+4) + 2.3.4.4 = 288; attention 4.9.4 = 144;
+    # SwiGLU 2.3.4.8.3 = 576; per layer 1008, two layers
+    assert transformer_flops(t, 3) == 2016
+    assert transformer_flops(t, 3, layers=1) == 1008
+
+
+def test_dit_flops_by_hand():
+    dit = SanaDiT(layers=1, width=4, head_dim=2, mlp_ratio=2.5, caption_channels=6, in_channels=2)
+    # T = 4, S = 3, h = 10: self-attention 2.4.4.16 + 4.4.4.3 = 704; cross 2.4.2.16 + 2.3.2.16
+    # + 4.4.3.4 = 640; GLUMBConv 2.4.4.20 + 2.4.20.9 + 2.4.10.4 = 2400; caption projection
+    # 2.3.(6.4 + 16) = 240 and patch in/out 2.4.2.2.4 = 128
+    assert dit_flops(dit, tokens=4, cond_tokens=3) == 4112
+
+
+def test_counted_flops_of_a_real_class_on_meta_by_hand():
+    from unilip.losses import PatchDiscriminator
+
+    disc = _on_meta(PatchDiscriminator)
+    # 32 px: 3->64 (16x16 out), 64->128 (8x8), 128->256 (4x4), 256->1 (3x3), kernel 4x4
+    expected = 2 * 16 * (64 * 3 * 256 + 128 * 64 * 64 + 256 * 128 * 16 + 1 * 256 * 9)
+    assert counted_flops(disc, (1, 3, 32, 32)) == expected == 35_201_024
+
+
+def test_llm_formula_matches_torch_counter_on_the_real_qwen2_class():
+    from transformers import Qwen2Config, Qwen2Model
+
+    cfg = Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
+    model = _on_meta(lambda: Qwen2Model(cfg))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tokens = 37
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(inputs_embeds=torch.empty(1, tokens, 64, device="meta"))
+    expected = transformer_flops(Transformer(3, 64, 4, 2, 16, 160, True), tokens)
+    assert counter.get_total_flops() == expected
+
+
+def test_vit_and_dit_formulas_match_torch_counter_on_the_tiny_preset_classes():
+    from diffusers import SanaTransformer2DModel
+    from transformers import InternVLVisionConfig, InternVLVisionModel
+
+    from cluster.plan import Architecture, vit_flops
+
+    vcfg = InternVLVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                image_size=[224, 224], patch_size=[14, 14], attn_implementation="sdpa")  # fmt: skip
+    vit = _on_meta(lambda: InternVLVisionModel(vcfg))
+    arch = Architecture(vit=Transformer(2, 64, 4, 4, 16, 128, False), llm=Transformer(1, 8, 1, 1, 8, 8, True),
+                        dit=SanaDiT(1, 8, 8))  # fmt: skip
+    measured = counted_flops(vit, (1, 3, 224, 224))
+    assert measured == pytest.approx(vit_flops(arch, 224), rel=0.01)
+
+    dit = _on_meta(lambda: SanaTransformer2DModel(
+        in_channels=32, out_channels=32, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32,
+        caption_channels=48, sample_size=16, patch_size=1))  # fmt: skip
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        dit(torch.empty(1, 32, 16, 16, device="meta"), encoder_hidden_states=torch.empty(1, 20, 48, device="meta"),
+            timestep=torch.empty(1, device="meta"))  # fmt: skip
+    formula = dit_flops(SanaDiT(2, 32, 16, caption_channels=48, in_channels=32), tokens=256, cond_tokens=20)
+    # the formula leaves out the per-sample timestep MLPs (a few d x d products)
+    assert counter.get_total_flops() == pytest.approx(formula, rel=0.02)
+
+
+def test_plan_arithmetic_and_task_share():
+    recipe = load_recipe("gen-stage2")
+    edit = edit_fraction(recipe)
+    gen = sum(SOURCE_SIZES[s.name] for s in recipe.data.sources if s.task == "generation")
+    assert edit == pytest.approx(10 * 1_500_000 / (gen + 10 * 1_500_000))  # about 2:1
+    plan = make_plan("gen-stage2", "unilip-1b", gpus=16, gpu="a100-80g", price=2.0, mfu=0.4, decode_rate=50)
+    step = plan.flops_per_sample * 512 / (16 * GPUS["a100-80g"][0] * 1e12 * 0.4)
+    assert plan.step_s == pytest.approx(step)
+    assert plan.gpu_hours == pytest.approx(200_000 * step / 3600 * 16)
+    assert plan.cost == pytest.approx(plan.gpu_hours * 2.0)
+    assert plan.decode_cores == -(-512 / step * (1 + edit) // 50)
+    by_name = {p.name: p for p in plan.parts}
+    assert by_name["SANA DiT"].passes == 3 and by_name["LLM"].passes == 2  # queries train through the frozen LLM
+    stage1 = {p.name: p for p in make_plan("gen-stage1").parts}
+    assert stage1["SANA DiT"].passes == 2  # frozen DiT, gradients pass through to the connector
+
+
+def test_plan_cli_prints_every_recipe_and_rejects_bad_input():
+    out = run_cli("plan", "all", "--preset", "unilip-3b")
+    assert out.returncode == 0, out.stderr
+    for name in chain():
+        assert f"== {name} (unilip-3b)" in out.stdout
+    assert out.stdout.count("\n  GPU hours ") == len(chain()) and "Assumptions:" in out.stdout
+    bad = run_cli("plan", "gen-stage2", "--gpu", "v100")
+    assert bad.returncode == 2 and "unknown GPU 'v100'" in bad.stderr
+    bad = run_cli("plan", "no-such-stage")
+    assert bad.returncode == 2 and "unknown recipe" in bad.stderr
