@@ -1,116 +1,229 @@
-"""The main job on the embedded default: everything on this machine, nothing left running.
+"""The main job on the embedded default: data -> five training stages -> registry -> HTTP.
 
     make demo                                     # installs on first use, then runs this
-    unilip demo --gen 64 --edit 32 --results demo-results
+    unilip demo [--steps 60] [--gen 64] [--edit 32] [--size 512] [--results demo-results]
 
 Steps: start the embedded stack (Ray, S3, MLflow on 127.0.0.1); write the sample
-dataset into the local S3 bucket as webdataset shards; stream it back through the Ray
-Data pipeline that decodes every image; log a run (params, metrics, a sample grid) to
-MLflow; print what happened; stop every service.
+dataset into the local S3 bucket as webdataset shards; train recon-stage1 ->
+recon-stage2 -> gen-stage1 -> gen-stage2 -> gen-stage3 with the tiny preset through Ray
+Train + DeepSpeed, each stage registered in MLflow and started from the previous one's
+export; deploy the Serve application with the model from the registry; send a
+generation, an edit, a reconstruction and an understanding request over HTTP; write
+everything under `--results`; stop every service.
 
-Results land in `--results` (default `demo-results/`): the sample grid, a summary, and
-the stack's MLflow database and artifacts, so the `mlflow ui` command it prints shows
-the run afterwards.
+The stages run the recipes' `tiny` variants with more steps and a larger learning rate
+(`--steps`, `--lr`), so that the losses of a randomly initialised tiny model visibly fall
+within minutes. The high-resolution stage (recon-stage2-448) is left out for time;
+gen-stage1 starts from recon-stage2's export instead.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import time
 from pathlib import Path
 
 from PIL import Image
 
-from cluster.connect import init_ray, quiet_ray_data
-from cluster.local import LocalStack
-from pipelines.decode import skip_counter
-from pipelines.read import source_dataset
-from pipelines.sample_data import build_sample_dataset
-from pipelines.shards import join
+STAGES = ("recon-stage1", "recon-stage2", "gen-stage1", "gen-stage2", "gen-stage3")
+PROMPT = "a tabby cat with green eyes looking into the camera"
+EDIT = "make it black and white"
+QUESTION = "What is in this image?"
+N_STEPS = 7
 
 
 def _step(n: int, text: str) -> None:
-    print(f"\n== [{n}/4] {text}", flush=True)
+    print(f"\n== [{n}/{N_STEPS}] {text}", flush=True)
 
 
-def _sample_grid(rows: list[dict], path: Path, cell: int = 160) -> None:
-    """A PNG grid of decoded rows: generation images, then edit inputs next to their outputs."""
-    tiles = [Image.fromarray(row[col]).resize((cell, cell)) for row in rows for col in ("source", "image") if col in row]
-    cols = 6
-    grid = Image.new("RGB", (cols * cell, -(-len(tiles) // cols) * cell), "white")
-    for i, tile in enumerate(tiles):
-        grid.paste(tile, ((i % cols) * cell, (i // cols) * cell))
-    grid.save(path)
+# What each kind of stage learns: reconstruction error (the adversarial term of stage 2 is
+# a game value that need not fall), and the flow-matching loss.
+CURVES = {"reconstruction": (("train/mse", "train/lpips"), "MSE + LPIPS"), "generation": (("train/loss",), "flow-matching loss")}
 
 
-def run_demo(n_gen: int = 64, n_edit: int = 32, size: int = 512, results: str = "demo-results") -> dict:
+def loss_histories(run_ids: dict[str, str]) -> dict[str, list[tuple[int, float]]]:
+    """Per stage, (step, value) of its learning curve (CURVES) from MLflow."""
     import mlflow
+
+    from jobs.recipes import load_recipe
+
+    client = mlflow.MlflowClient()
+    histories = {}
+    for stage, run_id in run_ids.items():
+        by_step: dict[int, float] = {}
+        for key in CURVES[load_recipe(stage).kind][0]:
+            for m in client.get_metric_history(run_id, key):
+                by_step[m.step] = by_step.get(m.step, 0.0) + m.value
+        histories[stage] = sorted(by_step.items())
+    return histories
+
+
+def loss_trend(values: list[float]) -> tuple[float, float]:
+    """Mean loss over the first and the last quarter of the steps (single steps are noisy)."""
+    k = max(1, len(values) // 4)
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+def plot_losses(histories: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jobs.recipes import load_recipe
+
+    fig, axes = plt.subplots(1, len(histories), figsize=(4 * len(histories), 3.2), squeeze=False)
+    for ax, (stage, points) in zip(axes[0], histories.items()):
+        steps, values = zip(*points)
+        ax.plot(steps, values, color="tab:blue", alpha=0.35, label="loss")
+        window = max(1, len(values) // 6)
+        smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+        ax.plot(steps, smooth, color="tab:blue", label=f"mean of {window}")
+        ax.set_title(f"{stage}: {CURVES[load_recipe(stage).kind][1]}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("training loss (per step)")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _png_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _image(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
+
+
+def query_endpoints(url: str, photo: Image.Image, out_dir: Path, log=print) -> dict:
+    """One request to each of the four model endpoints; images and answers saved in out_dir."""
+    import requests
+
+    from jobs.tracking import image_grid
+
+    def post(path: str, **kw) -> dict:
+        t0 = time.monotonic()
+        r = requests.post(f"{url}{path}", timeout=600, **kw)
+        if r.status_code != 200:
+            raise RuntimeError(f"POST {path}: HTTP {r.status_code}: {r.text[:500]}")
+        log(f"   POST {path}: 200 in {time.monotonic() - t0:.1f}s")
+        return r.json()
+
+    photo_b64 = _png_b64(photo)
+    photo.save(out_dir / "input.png")
+    generated = _image(post("/v1/images/generations", json={"prompt": PROMPT, "n": 1, "seed": 0})["data"][0]["b64_json"])
+    generated.save(out_dir / "generated.png")
+    edit = post("/v1/images/edits", files={"image": ("input.png", base64.b64decode(photo_b64), "image/png")},
+                data={"prompt": EDIT, "n": "1", "seed": "0"})  # fmt: skip
+    edited = _image(edit["data"][0]["b64_json"])
+    edited.save(out_dir / "edited.png")
+    recon = _image(post("/v1/reconstructions", json={"image": photo_b64})["data"][0]["b64_json"])
+    image_grid([[photo, recon]], cell=448).save(out_dir / "reconstruction.png")
+    chat = post("/v1/chat/completions", json={"model": "unilip", "max_tokens": 24, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{photo_b64}"}}]}]})  # fmt: skip
+    answer = chat["choices"][0]["message"]["content"]
+    (out_dir / "understanding.json").write_text(json.dumps({"question": QUESTION, "answer": answer}, indent=2))
+    return {
+        "generated": {"prompt": PROMPT, "path": str(out_dir / "generated.png"), "size": list(generated.size)},
+        "edited": {"instruction": EDIT, "path": str(out_dir / "edited.png"), "size": list(edited.size)},
+        "reconstruction": {"path": str(out_dir / "reconstruction.png"), "size": list(recon.size)},
+        "understanding": {"question": QUESTION, "answer": answer, "path": str(out_dir / "understanding.json")},
+    }
+
+
+def run_demo(steps: int = 60, n_gen: int = 64, n_edit: int = 32, size: int = 512, results: str = "demo-results",
+             lr: float = 1e-3, workers: int = 2) -> dict:  # fmt: skip
+    from cluster.local import LocalStack
+    from jobs.recipes import load_recipe
+    from jobs.train import EXPERIMENT, run_stage
+    from jobs.tracking import find_run
+    from pipelines.sample_data import build_sample_dataset, load_photo
+    from serve.app import ServeProcess
 
     out_dir = Path(results).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    summary: dict = {}
+    timings: dict[str, float] = {}
     _step(1, "starting the embedded stack (S3 server, MLflow, Ray on 127.0.0.1)")
     with LocalStack(out_dir / "stack", artifacts="local") as stack:
-        s3 = stack.s3()
+        s3, env = stack.s3(), stack.env()
         data_uri = f"s3://{stack.bucket}/sample"
+        print(f"   S3 {env['AWS_ENDPOINT_URL_S3']}, MLflow {env['MLFLOW_TRACKING_URI']}, Ray {env['RAY_ADDRESS']}")
 
-        _step(2, f"writing {n_gen} generation + {n_edit} editing samples to {data_uri}")
+        _step(2, f"writing {n_gen} generation + {n_edit} editing samples to {data_uri} (webdataset shards)")
         t0 = time.monotonic()
-        manifests = build_sample_dataset(data_uri, s3, n_gen, n_edit, size=size, shard_size=max(8, (n_gen + n_edit) // 8))
-        write_s = time.monotonic() - t0
-        keys = s3.list_keys(data_uri)
-        print(f"   bucket now holds {len(keys)} objects under {data_uri}")
+        build_sample_dataset(data_uri, s3, n_gen, n_edit, size=size, shard_size=max(8, (n_gen + n_edit) // 8))
+        build_sample_dataset(f"{data_uri}-eval", s3, 4, 0, seed=1, shard_size=4, size=size, log=lambda m: None)
+        timings["data_s"] = time.monotonic() - t0
 
-        _step(3, "streaming the shards back through Ray Data (read tasks over s3://, decode in map_batches)")
-        ray = init_ray()
-        quiet_ray_data()
-        read, preview = {}, []
-        for task, manifest in manifests.items():
-            t0 = time.monotonic()
-            counter = skip_counter()
-            samples = images = 0
-            show = 6 if task == "generation" else 3  # grid rows: 6 images, then 3 edit pairs
-            for batch in source_dataset(join(data_uri, task), task, s3, 224, counter).iter_batches(batch_size=16, batch_format="numpy"):
-                take = min(show, len(batch["key"]))
-                preview += [{k: v[i] for k, v in batch.items()} for i in range(take)]
-                show -= take
-                samples += len(batch["key"])
-                images += len(batch["image"]) + len(batch.get("source", []))
-            elapsed = time.monotonic() - t0
-            read[task] = {"samples": samples, "images": images, "images_per_s": images / elapsed,
-                          "expected": manifest.samples, "skipped": ray.get(counter.get.remote())}  # fmt: skip
-            print(f"   {task}: {samples}/{manifest.samples} samples, {images} images decoded to 224 px "
-                  f"({read[task]['images_per_s']:.0f} images/s), skipped: {read[task]['skipped'] or 'none'}")  # fmt: skip
-            if samples != manifest.samples:
-                raise RuntimeError(f"{task}: read {samples} samples, wrote {manifest.samples}")
-        grid = out_dir / "samples.png"
-        _sample_grid(preview, grid)
-        ray.shutdown()
+        _step(3, f"training {' -> '.join(STAGES)} (tiny preset, {workers} Ray Train workers, DeepSpeed, {steps} steps each)")
+        overrides = [f"train.steps={steps}", f"train.lr={lr}", f"train.min_lr={lr / 10}", "train.warmup_steps=2",
+                     f"train.checkpoint_every={steps}", f"train.eval_every={steps}", "train.log_every=1"]  # fmt: skip
+        uri, models, run_ids = None, {}, {}
+        t0 = time.monotonic()
+        for i, name in enumerate(STAGES, 1):
+            print(f"\n   -- stage {i}/{len(STAGES)}: {name}", flush=True)
+            # the adversarial loss from half-way, as in the paper's stage 2 (200k of 400k steps)
+            extra = [f"train.gan_start_step={steps // 2}"] if name == "recon-stage2" else []
+            uri = run_stage(name, "tiny", workers, False, overrides + extra, init_from=uri, run_name=f"demo-{name}")
+            models[name] = uri
+            run_ids[name] = find_run(EXPERIMENT, f"demo-{name}").info.run_id
+        timings["train_s"] = time.monotonic() - t0
 
-        _step(4, f"logging the run to MLflow at {stack.env()['MLFLOW_TRACKING_URI']}")
-        mlflow.set_experiment("unilip-demo")
-        with mlflow.start_run(run_name="sample-data") as run:
-            mlflow.log_params({"gen_samples": n_gen, "edit_samples": n_edit, "image_size": size, "data_uri": data_uri})
-            mlflow.log_metric("write_seconds", write_s)
-            for task, r in read.items():
-                mlflow.log_metrics({f"{task}_samples": r["samples"], f"{task}_images_per_s": r["images_per_s"]})
-            mlflow.log_artifact(str(grid))
-            summary = {
-                "data_uri": data_uri,
-                "objects_in_bucket": len(keys),
-                "read": read,
-                "mlflow_run_id": run.info.run_id,
-                "mlflow_experiment": "unilip-demo",
-                "sample_grid": str(grid),
-            }
-        print(f"   run {summary['mlflow_run_id']} logged with params, metrics and the sample grid")
-    summary["seconds"] = round(time.monotonic() - t_start, 1)
-    stack_dir = out_dir / "stack"
-    summary["mlflow_ui"] = f"mlflow ui --backend-store-uri sqlite:///{stack_dir / 'mlflow.db'} --artifacts-destination {stack_dir / 'mlartifacts'}"
+        _step(4, "learning curves from MLflow")
+        histories = loss_histories(run_ids)
+        loss_png = out_dir / "loss_curves.png"
+        plot_losses(histories, loss_png)
+        losses = {}
+        for name, points in histories.items():
+            first, last = loss_trend([v for _, v in points])
+            losses[name] = {"curve": CURVES[load_recipe(name).kind][1], "first_quarter_mean": first,
+                            "last_quarter_mean": last, "steps": len(points)}  # fmt: skip
+            print(f"   {name:<16} {CURVES[load_recipe(name).kind][1]:<18} {first:.4f} -> {last:.4f} "
+                  f"(mean of the first and last quarter: {'falling' if last < first else 'NOT falling'})")  # fmt: skip
+
+        _step(5, f"deploying the Serve application with {uri} from the MLflow registry")
+        t0 = time.monotonic()
+        with ServeProcess(uri, log=out_dir / "serve.log") as server:
+            timings["deploy_s"] = time.monotonic() - t0
+            print(f"   ready at {server.url}")
+            _step(6, "one request to each endpoint: generation, edit, reconstruction, understanding")
+            responses = query_endpoints(server.url, load_photo(1), out_dir)
+            url = server.url
+        if server.returncode != 0:
+            raise RuntimeError(f"the server exited with {server.returncode}; see {out_dir / 'serve.log'}")
+
+    _step(7, "summary")
+    tracking = stack.home / "mlflow.db"
+    summary = {
+        "seconds": round(time.monotonic() - t_start, 1),
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "data_uri": data_uri,
+        "stages": {name: {"mlflow_run_id": run_ids[name], "model": models[name], **losses[name]} for name in STAGES},
+        "served_model": uri,
+        "endpoints": {path: f"{url}{path}" for path in
+                      ("/v1/images/generations", "/v1/images/edits", "/v1/reconstructions", "/v1/chat/completions")},  # fmt: skip
+        "responses": responses,
+        "loss_curves": str(loss_png),
+        "serve_log": str(out_dir / "serve.log"),
+        "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{tracking} --artifacts-destination {stack.home / 'mlartifacts'}",
+    }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\n== done in {summary['seconds']}s; every service stopped.")
-    print(f"   sample grid:  {grid}")
-    print(f"   summary:      {out_dir / 'summary.json'}")
-    print(f"   MLflow run:   {summary['mlflow_run_id']}  (browse: {summary['mlflow_ui']})")
+    print(f"   done in {summary['seconds']}s; every service stopped.")
+    print(f"   results:        {out_dir}")
+    for key in ("generated", "edited", "reconstruction"):
+        print(f"   {key + ':':<15} {responses[key]['path']}")
+    print(f"   understanding:  {responses['understanding']['answer']!r} ({responses['understanding']['path']})")
+    print(f"   loss curves:    {loss_png}")
+    for name in STAGES:
+        print(f"   MLflow run:     {run_ids[name]}  {name} -> {models[name]}")
+    print(f"   endpoints used: {', '.join(summary['endpoints'].values())} (the server is stopped now)")
+    print(f"   browse MLflow:  {summary['mlflow_ui']}")
+    print(f"   summary:        {out_dir / 'summary.json'}")
     return summary

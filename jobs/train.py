@@ -100,6 +100,9 @@ def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = Fal
     env = s3.env() | {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "AWS_", "UNILIP_"))}
     # Ray Train's print patch tees worker prints once more when stdout is wrapped: one line each.
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    # progress bars (Ray Data's split coordinator, MLflow downloads) are noise in a training log
+    env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     init_ray(runtime_env={"env_vars": env})
     quiet_ray_data()
     if cpus_per_worker is None:  # leave half the CPUs to the data pipeline on CPU-only clusters

@@ -49,12 +49,10 @@ def run_serve_bench(model: str, clients: int = 8, requests_per_client: int = 10,
     import requests
     import torch
 
-    from serve.app import ServeProcess
+    from serve.app import DEFAULT_CONFIG, ServeProcess, deployment_options, load_config
     from unilip.artifacts import fetch_model
     from unilip.model import UniLIP
     from unilip.s3 import s3_access
-
-    from serve.app import DEFAULT_CONFIG, deployment_options, load_config
 
     replica = deployment_options(load_config(DEFAULT_CONFIG)["applications"][0]).get("UniLIPModel", {})
     torch.set_num_threads(max(1, int(replica.get("ray_actor_options", {}).get("num_cpus", 1))))

@@ -1,20 +1,47 @@
+"""`unilip demo`, shortened (2 steps per stage, small data): the whole pipeline end to end."""
+
 import json
+import re
+from pathlib import Path
+
+from PIL import Image
 
 from cluster.local import LocalStack
+from jobs.demo import STAGES
 from tests.conftest import run_cli
 
 
 def test_demo_end_to_end_leaves_nothing_running(tmp_path):
     results = tmp_path / "results"
-    r = run_cli("demo", "--gen", "10", "--edit", "6", "--size", "96", "--results", str(results), timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "every service stopped"):
-        assert step in r.stdout
+    r = run_cli("demo", "--steps", "2", "--gen", "16", "--edit", "8", "--size", "96", "--results", str(results),
+                timeout=1200)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    for n in range(1, 8):
+        assert f"== [{n}/7]" in r.stdout
+    assert "every service stopped" in r.stdout
     summary = json.loads((results / "summary.json").read_text())
-    assert summary["read"]["generation"]["samples"] == 10 and summary["read"]["editing"]["samples"] == 6
-    assert summary["read"]["editing"]["images"] == 12  # input and output of every pair decoded
-    assert (results / "samples.png").stat().st_size > 0
-    assert len(summary["mlflow_run_id"]) == 32
-    assert list((results / "stack" / "mlartifacts").rglob("samples.png"))  # the run's artifact
+
+    assert list(summary["stages"]) == list(STAGES)
+    for name, stage in summary["stages"].items():
+        assert re.fullmatch(r"[0-9a-f]{32}", stage["mlflow_run_id"]) and stage["steps"] == 2
+        assert re.fullmatch(rf"models:/unilip-tiny-{name}/\d+", stage["model"])
+    assert summary["served_model"] == summary["stages"]["gen-stage3"]["model"]  # deployed from the registry
+
+    responses = summary["responses"]
+    for key in ("generated", "edited"):
+        with Image.open(responses[key]["path"]) as im:
+            assert im.size == (448, 448)
+    with Image.open(responses["reconstruction"]["path"]) as im:
+        assert im.size == (2 * 448, 448)  # input | reconstruction
+    assert isinstance(json.loads(open(responses["understanding"]["path"]).read())["answer"], str)
+    with Image.open(summary["loss_curves"]) as im:
+        assert im.size[0] > im.size[1] > 0
+    listed = [summary["loss_curves"], summary["serve_log"], *(v["path"] for v in responses.values())]
+    for path in listed:
+        assert Path(path).is_file() and Path(path).stat().st_size > 0, path
+    for path in listed[:1] + [responses[k]["path"] for k in ("generated", "edited", "reconstruction")]:
+        assert path in r.stdout  # the summary names it
+    assert summary["mlflow_ui"] in r.stdout
+
     stack = LocalStack(results / "stack")
     assert stack.services() == {} and stack.leftover_processes() == []

@@ -257,7 +257,9 @@ def _understand(args) -> int:
 def _demo(args) -> int:
     from jobs.demo import run_demo
 
-    run_demo(args.gen, args.edit, args.size, args.results)
+    if args.steps < 2:
+        raise ValueError("--steps must be at least 2 (a loss trend needs two points)")
+    run_demo(args.steps, args.gen, args.edit, args.size, args.results, args.lr, args.workers)
     return 0
 
 
@@ -416,11 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=_understand)
 
-    p = sub.add_parser("demo", help="the main job on the embedded default (what `make demo` runs)")
-    p.add_argument("--gen", type=int, default=64)
-    p.add_argument("--edit", type=int, default=32)
-    p.add_argument("--size", type=int, default=512, help="longest image side of the sample data")
-    p.add_argument("--results", default="demo-results", help="results directory")
+    p = sub.add_parser("demo", help="the whole system end to end on the embedded default (what `make demo` runs)")
+    p.add_argument("--steps", type=int, default=60, help="training steps per stage (default 60)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every stage (default 1e-3)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--gen", type=int, default=64, help="generation samples (default 64)")
+    p.add_argument("--edit", type=int, default=32, help="editing samples (default 32)")
+    p.add_argument("--size", type=int, default=512, help="longest image side of the sample data (default 512)")
+    p.add_argument("--results", default="demo-results", help="results directory (default demo-results)")
     p.set_defaults(func=_demo)
     return parser
 
