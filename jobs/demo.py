@@ -1,7 +1,7 @@
 """The main job on the embedded default: data -> five training stages -> registry -> HTTP.
 
     make demo                                     # installs on first use, then runs this
-    unilip demo [--steps 60] [--gen 64] [--edit 32] [--size 512] [--results demo-results]
+    unilip demo [--steps 40] [--gen 64] [--edit 32] [--size 512] [--results demo-results]
 
 Steps: start the embedded stack (Ray, S3, MLflow on 127.0.0.1); write the sample
 dataset into the local S3 bucket as webdataset shards; train recon-stage1 ->
@@ -137,7 +137,7 @@ def query_endpoints(url: str, photo: Image.Image, out_dir: Path, log=print) -> d
     }
 
 
-def run_demo(steps: int = 60, n_gen: int = 64, n_edit: int = 32, size: int = 512, results: str = "demo-results",
+def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512, results: str = "demo-results",
              lr: float = 1e-3, workers: int = 2) -> dict:  # fmt: skip
     from cluster.local import LocalStack
     from jobs.recipes import load_recipe

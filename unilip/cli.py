@@ -419,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_understand)
 
     p = sub.add_parser("demo", help="the whole system end to end on the embedded default (what `make demo` runs)")
-    p.add_argument("--steps", type=int, default=60, help="training steps per stage (default 60)")
+    p.add_argument("--steps", type=int, default=40, help="training steps per stage (default 40)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every stage (default 1e-3)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
     p.add_argument("--gen", type=int, default=64, help="generation samples (default 64)")
