@@ -149,7 +149,7 @@ def counted_flops(module, *inputs) -> float:
     return float(counter.get_total_flops())
 
 
-def _on_meta(build):
+def on_meta(build):
     import torch
 
     with torch.device("meta"):
@@ -162,18 +162,18 @@ def conv_part_flops(name: str, resolution: int) -> float:
 
     out = 512 * resolution // 448  # the pixel decoder renders 32x the latent, then resizes
     if name in ("dcae_decoder", "dcae_encoder"):
-        dcae = _on_meta(lambda: AutoencoderDC(**DCAE_CONFIG))
+        dcae = on_meta(lambda: AutoencoderDC(**DCAE_CONFIG))
         if name == "dcae_decoder":
             return counted_flops(dcae.decoder, (1, 32, out // 32, out // 32))
         return counted_flops(dcae.encoder, (1, 3, out, out))
     if name == "lpips":
         from torchvision.models import alexnet
 
-        return counted_flops(_on_meta(alexnet).features, (1, 3, resolution, resolution))
+        return counted_flops(on_meta(alexnet).features, (1, 3, resolution, resolution))
     if name == "discriminator":
         from unilip.losses import PatchDiscriminator
 
-        return counted_flops(_on_meta(PatchDiscriminator), (1, 3, resolution, resolution))
+        return counted_flops(on_meta(PatchDiscriminator), (1, 3, resolution, resolution))
     raise ValueError(f"unknown convolutional part {name!r}")
 
 
@@ -294,9 +294,13 @@ class Plan:
         return self.gpu_hours * self.price
 
     @property
+    def images_per_s(self) -> float:
+        """Images Ray Data must decode per second to keep the GPUs busy."""
+        return self.global_batch / self.step_s * self.images_per_sample
+
+    @property
     def decode_cores(self) -> int:
-        images_per_s = self.global_batch / self.step_s * self.images_per_sample
-        return math.ceil(images_per_s / self.decode_rate)
+        return math.ceil(self.images_per_s / self.decode_rate)
 
 
 def make_plan(recipe_name: str, preset: str = "unilip-1b", gpus: int | None = None, gpu: str = "a100-80g",
@@ -339,7 +343,7 @@ def format_plan(plan: Plan) -> str:
         f"  wall clock      {plan.wall_h:8.1f} h ({plan.wall_h / 24:.1f} days)",
         f"  GPU hours       {plan.gpu_hours:8.0f}",
         f"  cost            {plan.cost:8,.0f} USD at {plan.price:.2f} USD per GPU-hour",
-        f"  Ray Data        {plan.decode_cores:8d} CPU cores to decode {plan.global_batch / plan.step_s * plan.images_per_sample:.0f} images/s"
+        f"  Ray Data        {plan.decode_cores:8d} CPU cores to decode {plan.images_per_s:.0f} images/s"
         f" at {plan.decode_rate:g} images/s per core",
     ]
     return "\n".join(lines)

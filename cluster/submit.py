@@ -108,16 +108,6 @@ def follow(address: str | None, job_id: str, out=sys.stdout) -> str:
     return status
 
 
-def wait(address: str | None, job_id: str, timeout: float = 3600) -> str:
-    c = client(address)
-    deadline = time.monotonic() + timeout
-    while (status := str(_call(f"job {job_id}", c.get_job_status, job_id))) not in TERMINAL:
-        if time.monotonic() > deadline:
-            raise ClusterError(f"job {job_id} still {status} after {timeout:.0f} s")
-        time.sleep(2)
-    return status
-
-
 def list_jobs(address: str | None) -> list[dict]:
     c = client(address)
     rows = []

@@ -28,9 +28,10 @@ def s3(stack):
     return stack.s3()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def sample(stack, s3):
-    """The sample dataset the recipes' tiny variants read (small images), MLflow pointed at the stack."""
+    """The sample dataset the recipes' tiny variants read (small images), MLflow pointed at the
+    stack. Per module: the S3 fault test restarts the in-memory S3 server, which empties it."""
     import mlflow
 
     from pipelines.sample_data import build_sample_dataset

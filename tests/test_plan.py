@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cluster.plan import (GPUS, SOURCE_SIZES, SanaDiT, Transformer, _on_meta, counted_flops, dit_flops, edit_fraction,
+from cluster.plan import (GPUS, SOURCE_SIZES, SanaDiT, Transformer, on_meta, counted_flops, dit_flops, edit_fraction,
                           make_plan, transformer_flops)  # fmt: skip
 from jobs.recipes import chain, load_recipe
 from tests.conftest import run_cli
@@ -28,7 +28,7 @@ def test_dit_flops_by_hand():
 def test_counted_flops_of_a_real_class_on_meta_by_hand():
     from unilip.losses import PatchDiscriminator
 
-    disc = _on_meta(PatchDiscriminator)
+    disc = on_meta(PatchDiscriminator)
     # 32 px: 3->64 (16x16 out), 64->128 (8x8), 128->256 (4x4), 256->1 (3x3), kernel 4x4
     expected = 2 * 16 * (64 * 3 * 256 + 128 * 64 * 64 + 256 * 128 * 16 + 1 * 256 * 9)
     assert counted_flops(disc, (1, 3, 32, 32)) == expected == 35_201_024
@@ -39,7 +39,7 @@ def test_llm_formula_matches_torch_counter_on_the_real_qwen2_class():
 
     cfg = Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
-    model = _on_meta(lambda: Qwen2Model(cfg))
+    model = on_meta(lambda: Qwen2Model(cfg))
     from torch.utils.flop_counter import FlopCounterMode
 
     tokens = 37
@@ -57,13 +57,13 @@ def test_vit_and_dit_formulas_match_torch_counter_on_the_tiny_preset_classes():
 
     vcfg = InternVLVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                                 image_size=[224, 224], patch_size=[14, 14], attn_implementation="sdpa")  # fmt: skip
-    vit = _on_meta(lambda: InternVLVisionModel(vcfg))
+    vit = on_meta(lambda: InternVLVisionModel(vcfg))
     arch = Architecture(vit=Transformer(2, 64, 4, 4, 16, 128, False), llm=Transformer(1, 8, 1, 1, 8, 8, True),
                         dit=SanaDiT(1, 8, 8))  # fmt: skip
     measured = counted_flops(vit, (1, 3, 224, 224))
     assert measured == pytest.approx(vit_flops(arch, 224), rel=0.01)
 
-    dit = _on_meta(lambda: SanaTransformer2DModel(
+    dit = on_meta(lambda: SanaTransformer2DModel(
         in_channels=32, out_channels=32, num_attention_heads=2, attention_head_dim=16, num_layers=2,
         num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32,
         caption_channels=48, sample_size=16, patch_size=1))  # fmt: skip
