@@ -34,6 +34,20 @@ QUESTION = "What is in this image?"
 N_STEPS = 7
 
 
+def check_stages(stages: tuple[str, ...]) -> None:
+    """Stages in training order, ending with one that generates (it is what gets served)."""
+    from jobs.recipes import chain, load_recipe
+
+    order = chain()
+    unknown = [s for s in stages if s not in order]
+    if unknown or not stages:
+        raise ValueError(f"--stages takes recipes from: {', '.join(order)}; got {', '.join(unknown) or 'none'}")
+    if list(stages) != sorted(stages, key=order.index) or len(set(stages)) != len(stages):
+        raise ValueError(f"--stages must be in training order ({' -> '.join(order)})")
+    if load_recipe(stages[-1]).kind != "generation":
+        raise ValueError("--stages must end with a generation stage: the served model generates and edits")
+
+
 def _step(n: int, text: str) -> None:
     print(f"\n== [{n}/{N_STEPS}] {text}", flush=True)
 
@@ -138,7 +152,7 @@ def query_endpoints(url: str, photo: Image.Image, out_dir: Path, log=print) -> d
 
 
 def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512, results: str = "demo-results",
-             lr: float = 1e-3, workers: int = 2) -> dict:  # fmt: skip
+             lr: float = 1e-3, workers: int = 2, stages: tuple[str, ...] = STAGES) -> dict:  # fmt: skip
     from cluster.local import LocalStack
     from jobs.recipes import load_recipe
     from jobs.train import EXPERIMENT, run_stage
@@ -146,6 +160,7 @@ def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512
     from pipelines.sample_data import build_sample_dataset, load_photo
     from serve.app import ServeProcess
 
+    check_stages(stages)
     out_dir = Path(results).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
@@ -162,13 +177,13 @@ def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512
         build_sample_dataset(f"{data_uri}-eval", s3, 4, 0, seed=1, shard_size=4, size=size, log=lambda m: None)
         timings["data_s"] = time.monotonic() - t0
 
-        _step(3, f"training {' -> '.join(STAGES)} (tiny preset, {workers} Ray Train workers, DeepSpeed, {steps} steps each)")
+        _step(3, f"training {' -> '.join(stages)} (tiny preset, {workers} Ray Train workers, DeepSpeed, {steps} steps each)")
         overrides = [f"train.steps={steps}", f"train.lr={lr}", f"train.min_lr={lr / 10}", "train.warmup_steps=2",
                      f"train.checkpoint_every={steps}", f"train.eval_every={steps}", "train.log_every=1"]  # fmt: skip
         uri, models, run_ids = None, {}, {}
         t0 = time.monotonic()
-        for i, name in enumerate(STAGES, 1):
-            print(f"\n   -- stage {i}/{len(STAGES)}: {name}", flush=True)
+        for i, name in enumerate(stages, 1):
+            print(f"\n   -- stage {i}/{len(stages)}: {name}", flush=True)
             # the adversarial loss from half-way, as in the paper's stage 2 (200k of 400k steps)
             extra = [f"train.gan_start_step={steps // 2}"] if name == "recon-stage2" else []
             uri = run_stage(name, "tiny", workers, False, overrides + extra, init_from=uri, run_name=f"demo-{name}")
@@ -205,7 +220,7 @@ def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512
         "seconds": round(time.monotonic() - t_start, 1),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "data_uri": data_uri,
-        "stages": {name: {"mlflow_run_id": run_ids[name], "model": models[name], **losses[name]} for name in STAGES},
+        "stages": {name: {"mlflow_run_id": run_ids[name], "model": models[name], **losses[name]} for name in stages},
         "served_model": uri,
         "endpoints": {path: f"{url}{path}" for path in
                       ("/v1/images/generations", "/v1/images/edits", "/v1/reconstructions", "/v1/chat/completions")},  # fmt: skip
@@ -221,7 +236,7 @@ def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512
         print(f"   {key + ':':<15} {responses[key]['path']}")
     print(f"   understanding:  {responses['understanding']['answer']!r} ({responses['understanding']['path']})")
     print(f"   loss curves:    {loss_png}")
-    for name in STAGES:
+    for name in stages:
         print(f"   MLflow run:     {run_ids[name]}  {name} -> {models[name]}")
     print(f"   endpoints used: {', '.join(summary['endpoints'].values())} (the server is stopped now)")
     print(f"   browse MLflow:  {summary['mlflow_ui']}")

@@ -1,4 +1,5 @@
-"""`unilip demo`, shortened (2 steps per stage, small data): the whole pipeline end to end."""
+"""`unilip demo`, shortened (two of the five stages, 2 steps each, small data): the whole
+pipeline end to end, from data in S3 to answers over HTTP."""
 
 import json
 import re
@@ -10,22 +11,24 @@ from cluster.local import LocalStack
 from jobs.demo import STAGES
 from tests.conftest import run_cli
 
+SHORT = ("recon-stage1", "gen-stage2")  # one stage of each kind; the second trains on generation and editing
+
 
 def test_demo_end_to_end_leaves_nothing_running(tmp_path):
     results = tmp_path / "results"
-    r = run_cli("demo", "--steps", "2", "--gen", "16", "--edit", "8", "--size", "96", "--results", str(results),
-                timeout=1200)  # fmt: skip
+    r = run_cli("demo", "--stages", ",".join(SHORT), "--steps", "2", "--workers", "1", "--gen", "16", "--edit", "8",
+                "--size", "96", "--results", str(results), timeout=1200)  # fmt: skip
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     for n in range(1, 8):
         assert f"== [{n}/7]" in r.stdout
     assert "every service stopped" in r.stdout
     summary = json.loads((results / "summary.json").read_text())
 
-    assert list(summary["stages"]) == list(STAGES)
+    assert list(summary["stages"]) == list(SHORT)
     for name, stage in summary["stages"].items():
         assert re.fullmatch(r"[0-9a-f]{32}", stage["mlflow_run_id"]) and stage["steps"] == 2
         assert re.fullmatch(rf"models:/unilip-tiny-{name}/\d+", stage["model"])
-    assert summary["served_model"] == summary["stages"]["gen-stage3"]["model"]  # deployed from the registry
+    assert summary["served_model"] == summary["stages"]["gen-stage2"]["model"]  # deployed from the registry
 
     responses = summary["responses"]
     for key in ("generated", "edited"):
@@ -45,3 +48,12 @@ def test_demo_end_to_end_leaves_nothing_running(tmp_path):
 
     stack = LocalStack(results / "stack")
     assert stack.services() == {} and stack.leftover_processes() == []
+
+
+def test_demo_refuses_stages_it_cannot_serve():
+    for stages, message in (("recon-stage1,nope", "--stages takes recipes from"),
+                            ("gen-stage2,recon-stage1", "training order"),
+                            ("recon-stage1,recon-stage2", "must end with a generation stage")):  # fmt: skip
+        r = run_cli("demo", "--stages", stages)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert STAGES == ("recon-stage1", "recon-stage2", "gen-stage1", "gen-stage2", "gen-stage3")

@@ -259,7 +259,8 @@ def _demo(args) -> int:
 
     if args.steps < 2:
         raise ValueError("--steps must be at least 2 (a loss trend needs two points)")
-    run_demo(args.steps, args.gen, args.edit, args.size, args.results, args.lr, args.workers)
+    stages = {"stages": tuple(args.stages.split(","))} if args.stages else {}
+    run_demo(args.steps, args.gen, args.edit, args.size, args.results, args.lr, args.workers, **stages)
     return 0
 
 
@@ -422,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=40, help="training steps per stage (default 40)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every stage (default 1e-3)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--stages", help="comma-separated stages to train, in order, the last one generating "
+                                    "(default recon-stage1,recon-stage2,gen-stage1,gen-stage2,gen-stage3)")
     p.add_argument("--gen", type=int, default=64, help="generation samples (default 64)")
     p.add_argument("--edit", type=int, default=32, help="editing samples (default 32)")
     p.add_argument("--size", type=int, default=512, help="longest image side of the sample data (default 512)")
