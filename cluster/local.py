@@ -45,6 +45,9 @@ STOP_GRACE_S = {"s3": 5.0, "mlflow": 10.0, "ray": 2.0}
 # is pinned off: the stack listens on loopback only, and Ray would otherwise switch it on
 # whenever ~/.ray/auth_token exists (any earlier `ray.init()` of a new cluster writes one).
 RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+# Ray Train's preemption watcher follows node drains (spot reclaims); one local node has
+# none, and every training attempt would start one more process for it.
+RAY_HEAD_ENV = {**RAY_LOCAL_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 class StackError(RuntimeError):
@@ -313,7 +316,7 @@ class LocalStack:
             cmd += ["--num-cpus", str(self.num_cpus)]
         # Job drivers run `python` from PATH: the project's interpreter comes first.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        pid, log = self._spawn("ray", cmd, {**self.env(), **RAY_LOCAL_ENV, "PATH": path})
+        pid, log = self._spawn("ray", cmd, {**self.env(), **RAY_HEAD_ENV, "PATH": path})
         svc = Service("ray", pid, gcs, log, ports=ports)
         state["ray_temp_dir"] = temp
         dashboard = f"http://{HOST}:{ports['dashboard']}/api/version"

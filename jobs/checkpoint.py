@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 DS_TAG = "state"  # not "latest": DeepSpeed writes a file of that name
 
@@ -33,12 +32,18 @@ def _safe_globals() -> list:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
-class SafeCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine, loading with `weights_only=True`."""
+def safe_checkpoint_engine():
+    """DeepSpeed's torch checkpoint engine, loading with `weights_only=True`. DeepSpeed is
+    imported here, not with the module: the driver and Ray Train's controller import the
+    training loop's module but never run it."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    def load(self, path: str, map_location=None):
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+    class SafeCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return SafeCheckpointEngine()
 
 
 def rng_state(rng: random.Random, generator: torch.Generator) -> dict:

@@ -35,7 +35,9 @@ N_STEPS = 7
 
 
 def check_stages(stages: tuple[str, ...]) -> None:
-    """Stages in training order, ending with one that generates (it is what gets served)."""
+    """Stages in training order, from the first (the only one that starts from the preset:
+    every later stage needs an export, as the generator needs the trained encoder), ending
+    with one that generates (it is what gets served)."""
     from jobs.recipes import chain, load_recipe
 
     order = chain()
@@ -44,6 +46,8 @@ def check_stages(stages: tuple[str, ...]) -> None:
         raise ValueError(f"--stages takes recipes from: {', '.join(order)}; got {', '.join(unknown) or 'none'}")
     if list(stages) != sorted(stages, key=order.index) or len(set(stages)) != len(stages):
         raise ValueError(f"--stages must be in training order ({' -> '.join(order)})")
+    if stages[0] != order[0]:
+        raise ValueError(f"--stages must start with {order[0]}: {stages[0]} starts from {load_recipe(stages[0]).after}'s export")
     if load_recipe(stages[-1]).kind != "generation":
         raise ValueError("--stages must end with a generation stage: the served model generates and edits")
 
@@ -57,17 +61,22 @@ def _step(n: int, text: str) -> None:
 CURVES = {"reconstruction": (("train/mse", "train/lpips"), "MSE + LPIPS"), "generation": (("train/loss",), "flow-matching loss")}
 
 
-def loss_histories(run_ids: dict[str, str]) -> dict[str, list[tuple[int, float]]]:
-    """Per stage, (step, value) of its learning curve (CURVES) from MLflow."""
-    import mlflow
-
+def stage_curves(stages: tuple[str, ...]) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Per stage, the metrics summed into its learning curve and the curve's name (CURVES)."""
     from jobs.recipes import load_recipe
+
+    return {stage: CURVES[load_recipe(stage).kind] for stage in stages}
+
+
+def loss_histories(run_ids: dict[str, str], curves: dict) -> dict[str, list[tuple[int, float]]]:
+    """Per stage, (step, value) of its learning curve from MLflow."""
+    import mlflow
 
     client = mlflow.MlflowClient()
     histories = {}
     for stage, run_id in run_ids.items():
         by_step: dict[int, float] = {}
-        for key in CURVES[load_recipe(stage).kind][0]:
+        for key in curves[stage][0]:
             for m in client.get_metric_history(run_id, key):
                 by_step[m.step] = by_step.get(m.step, 0.0) + m.value
         histories[stage] = sorted(by_step.items())
@@ -80,22 +89,21 @@ def loss_trend(values: list[float]) -> tuple[float, float]:
     return sum(values[:k]) / k, sum(values[-k:]) / k
 
 
-def plot_losses(histories: dict[str, list[tuple[int, float]]], path: Path) -> None:
+def plot_losses(histories: dict[str, list[tuple[int, float]]], curves: dict, path: Path) -> None:
+    """One panel per stage: the per-step loss and its running mean."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from jobs.recipes import load_recipe
 
     fig, axes = plt.subplots(1, len(histories), figsize=(4 * len(histories), 3.2), squeeze=False)
     for ax, (stage, points) in zip(axes[0], histories.items()):
         steps, values = zip(*points)
         ax.plot(steps, values, color="tab:blue", alpha=0.35, label="loss")
         window = max(1, len(values) // 6)
-        smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
-        ax.plot(steps, smooth, color="tab:blue", label=f"mean of {window}")
-        ax.set_title(f"{stage}: {CURVES[load_recipe(stage).kind][1]}")
+        spans = [values[max(0, i - window + 1) : i + 1] for i in range(len(values))]
+        ax.plot(steps, [sum(v) / len(v) for v in spans], color="tab:blue", label=f"mean of {window}")
+        ax.set_title(f"{stage}: {curves[stage][1]}")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("training loss (per step)")
@@ -153,14 +161,13 @@ def query_endpoints(url: str, photo: Image.Image, out_dir: Path, log=print) -> d
 
 def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512, results: str = "demo-results",
              lr: float = 1e-3, workers: int = 2, stages: tuple[str, ...] = STAGES) -> dict:  # fmt: skip
+    check_stages(stages)  # before the heavy imports: a bad --stages fails at once
     from cluster.local import LocalStack
-    from jobs.recipes import load_recipe
     from jobs.train import EXPERIMENT, run_stage
     from jobs.tracking import find_run
     from pipelines.sample_data import build_sample_dataset, load_photo
     from serve.app import ServeProcess
 
-    check_stages(stages)
     out_dir = Path(results).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
@@ -192,15 +199,16 @@ def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512
         timings["train_s"] = time.monotonic() - t0
 
         _step(4, "learning curves from MLflow")
-        histories = loss_histories(run_ids)
+        curves = stage_curves(stages)
+        histories = loss_histories(run_ids, curves)
         loss_png = out_dir / "loss_curves.png"
-        plot_losses(histories, loss_png)
+        plot_losses(histories, curves, loss_png)
         losses = {}
         for name, points in histories.items():
             first, last = loss_trend([v for _, v in points])
-            losses[name] = {"curve": CURVES[load_recipe(name).kind][1], "first_quarter_mean": first,
-                            "last_quarter_mean": last, "steps": len(points)}  # fmt: skip
-            print(f"   {name:<16} {CURVES[load_recipe(name).kind][1]:<18} {first:.4f} -> {last:.4f} "
+            label = curves[name][1]
+            losses[name] = {"curve": label, "first_quarter_mean": first, "last_quarter_mean": last, "steps": len(points)}
+            print(f"   {name:<16} {label:<18} {first:.4f} -> {last:.4f} "
                   f"(mean of the first and last quarter: {'falling' if last < first else 'NOT falling'})")  # fmt: skip
 
         _step(5, f"deploying the Serve application with {uri} from the MLflow registry")

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from jobs.checkpoint import DS_TAG, SafeCheckpointEngine, load_critic, load_rng_state, rng_state, save_critic
+from jobs.checkpoint import DS_TAG, load_critic, load_rng_state, rng_state, safe_checkpoint_engine, save_critic
 from jobs.optim import EMA, adamw_groups, deepspeed_config, gathered, gradient_accumulation, lr_at, set_lr, zero_stage
 from unilip.config import Recipe, S3Config, from_dict
 from unilip.model import UniLIP
@@ -110,7 +110,7 @@ def train_loop(config: dict) -> None:
     net, critic, optimizer = build_stage(recipe, config["init_from"], s3, device)
     model = net.model
     engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=deepspeed_config(tc, world))
-    engine.checkpoint_engine = SafeCheckpointEngine()
+    engine.checkpoint_engine = safe_checkpoint_engine()
     critic_opt = None
     if net.critic[0] is not None:
         critic.to(device)

@@ -55,19 +55,25 @@ def prepare(name: str, preset: str, overrides: list[str]) -> Recipe:
     return recipe
 
 
-def latest_position(storage: str, run_name: str, s3: S3Access) -> Position:
-    """The data position of the checkpoint Ray Train resumes this run from (empty if none)."""
+def latest_train_state(storage: str, run_name: str, s3: S3Access) -> dict | None:
+    """train_state.json (step, data position, ...) of the checkpoint Ray Train resumes this
+    run from; None for a new run."""
     from ray.train import Result
 
     fs, path = s3.resolve(f"{storage}/{run_name}")
     try:
         checkpoint = Result.from_path(path, storage_filesystem=fs).checkpoint
     except RuntimeError:  # no such run yet
-        return Position()
+        return None
     if checkpoint is None:
-        return Position()
+        return None
     with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/train_state.json") as f:
-        return Position(json.loads(f.read())["position"])
+        return json.loads(f.read())
+
+
+def latest_position(storage: str, run_name: str, s3: S3Access) -> Position:
+    state = latest_train_state(storage, run_name, s3)
+    return Position(state["position"] if state else None)
 
 
 def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = False, overrides: list[str] | None = None,
@@ -96,6 +102,10 @@ def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = Fal
                               f"first, or pass --from DIR|s3://...|models:/...")  # fmt: skip
     storage = (storage or expand("s3://${UNILIP_BUCKET}/runs", "storage")).rstrip("/")
     run_name = run_name or f"{name}-{preset}"
+    state = latest_train_state(storage, run_name, s3)
+    if state and state["step"] >= recipe.train.steps and (done := registered_model(tracking_uri, run_name)):
+        log(f"[{name}] run {run_name} already finished and exported: {done}")  # nothing to start workers for
+        return done
 
     env = s3.env() | {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "AWS_", "UNILIP_"))}
     # Ray Train's print patch tees worker prints once more when stdout is wrapped: one line each.
@@ -130,11 +140,14 @@ def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = Fal
     )
     trainer.fit()
     registered = registered_model(tracking_uri, run_name)
+    if not registered:
+        raise RuntimeError(f"run {run_name} finished without registering a model")
     log(f"[{name}] done: {registered}")
     return registered
 
 
-def registered_model(tracking_uri: str | None, run_name: str) -> str:
+def registered_model(tracking_uri: str | None, run_name: str) -> str | None:
+    """The model URI the run registered (its `unilip.registered` tag), if any."""
     import mlflow
 
     from jobs.tracking import find_run
@@ -142,10 +155,7 @@ def registered_model(tracking_uri: str | None, run_name: str) -> str:
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     run = find_run(EXPERIMENT, run_name)
-    uri = run.data.tags.get("unilip.registered") if run else None
-    if not uri:
-        raise RuntimeError(f"run {run_name} finished without registering a model")
-    return uri
+    return run.data.tags.get("unilip.registered") if run else None
 
 
 def run_all(preset: str = "tiny", workers: int = 2, gpu: bool = False, overrides: list[str] | None = None,

@@ -55,12 +55,20 @@ def ray_session(stack):
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `unilip ARGS...` as a user would, in a child process."""
-    return subprocess.run(
-        [sys.executable, "-m", "unilip.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
+    """Run `unilip ARGS...` as a user would, in a child process. Past the timeout it gets
+    SIGTERM (it then stops what it started) and the failure shows the end of its output."""
+    proc = subprocess.Popen([sys.executable, "-m", "unilip.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env={**os.environ, **(env or {})})  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as e:  # our timeout, pytest-timeout's, Ctrl-C: never leave it running
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        if isinstance(e, subprocess.TimeoutExpired):
+            pytest.fail(f"unilip {' '.join(args)} timed out after {timeout}s:\n{out[-3000:]}\n{err[-3000:]}")
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from cluster.local import LocalStack
-from jobs.demo import STAGES
+from jobs.demo import STAGES, loss_trend, plot_losses, stage_curves
 from tests.conftest import run_cli
 
 SHORT = ("recon-stage1", "gen-stage2")  # one stage of each kind; the second trains on generation and editing
@@ -53,7 +53,19 @@ def test_demo_end_to_end_leaves_nothing_running(tmp_path):
 def test_demo_refuses_stages_it_cannot_serve():
     for stages, message in (("recon-stage1,nope", "--stages takes recipes from"),
                             ("gen-stage2,recon-stage1", "training order"),
-                            ("recon-stage1,recon-stage2", "must end with a generation stage")):  # fmt: skip
+                            ("recon-stage1,recon-stage2", "must end with a generation stage"),
+                            ("gen-stage2", "must start with recon-stage1: gen-stage2 starts from gen-stage1's export")):  # fmt: skip
         r = run_cli("demo", "--stages", stages)
         assert r.returncode == 2 and message in r.stderr, r.stderr
     assert STAGES == ("recon-stage1", "recon-stage2", "gen-stage1", "gen-stage2", "gen-stage3")
+
+
+def test_learning_curves_have_one_panel_per_stage_and_the_right_metrics(tmp_path):
+    curves = stage_curves(("recon-stage1", "gen-stage2"))
+    assert curves == {"recon-stage1": (("train/mse", "train/lpips"), "MSE + LPIPS"),
+                      "gen-stage2": (("train/loss",), "flow-matching loss")}  # fmt: skip
+    histories = {"recon-stage1": [(i, 1 / i) for i in range(1, 13)], "gen-stage2": [(i, 2 - i / 10) for i in range(1, 13)]}
+    plot_losses(histories, curves, tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as im:
+        assert im.size == (800, 320)  # two 4 x 3.2 inch panels at 100 dpi
+    assert loss_trend([4, 3, 2, 1, 1, 0, 0, 0]) == (3.5, 0.0)  # means of the first and the last quarter

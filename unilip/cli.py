@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 
 from unilip.config import DataConfig
@@ -440,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     from unilip.s3 import S3Error
 
     args = build_parser().parse_args(argv)
+    # SIGTERM (kill, a stopped job, a CI timeout) unwinds like Ctrl-C, so `with` blocks stop
+    # the services and servers they started.
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     try:
         return args.func(args)
     except (ConfigError, ValueError, S3Error, StackError, ClusterError, FileNotFoundError) as e:
