@@ -18,11 +18,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PATCH_MULTIPLE = 28  # patch 14 x pixel shuffle 2: image sides must be multiples of this
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] -> InternVL pixel values (ImageNet mean/std)."""
-    mean = images.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = images.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images - mean) / std
+def pixel_values_from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 images -> InternVL pixel values (B, 3, H, W), float32:
+    (images / 255 - mean) / std with ImageNet mean/std, folded into one multiply and one add
+    in place on the float copy (every training batch goes through this)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device)
+    std = torch.tensor(IMAGENET_STD, device=images.device)
+    return images.float().mul_(1 / (255 * std)).add_(-mean / std).permute(0, 3, 1, 2)
 
 
 def denormalize(pixel_values: torch.Tensor) -> torch.Tensor:

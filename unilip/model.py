@@ -33,7 +33,7 @@ from PIL import Image
 from torch import nn
 
 from unilip.config import ModelConfig, from_dict
-from unilip.encoder import PATCH_MULTIPLE, UniLIPEncoder, denormalize, normalize
+from unilip.encoder import PATCH_MULTIPLE, UniLIPEncoder, denormalize, pixel_values_from_uint8
 from unilip.generator import NULL_EDIT_PROMPT, NULL_GENERATION_PROMPT, Condition, DualConditionGenerator
 from unilip.losses import PatchDiscriminator, ReconstructionLoss, ReconstructionWeights
 from unilip.pixel_decoder import PixelDecoder
@@ -181,8 +181,7 @@ class UniLIP(nn.Module):
     def preprocess(self, images, size: int) -> torch.Tensor:
         """PIL images or uint8 arrays -> InternVL pixel values (B, 3, size, size), RGB-converted."""
         tensors = [torch.from_numpy(np.array(to_rgb(im).resize((size, size), Image.Resampling.BICUBIC))) for im in images]
-        batch = torch.stack(tensors).permute(0, 3, 1, 2).float().div(255)
-        return normalize(batch).to(self.device, self.dtype)
+        return pixel_values_from_uint8(torch.stack(tensors).to(self.device)).to(self.dtype)
 
     @property
     def device(self) -> torch.device:
