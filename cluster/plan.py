@@ -17,14 +17,15 @@ The FLOPs model (forward FLOPs, 2 per multiply-add, per training sample):
   h = 2.5d: linear self-attention 2T.4d^2 + 4T.d.(head_dim + 1) (K^T V with the
   normaliser row, then Q (K^T V)), cross-attention 2T.2d^2 + 2S.2d^2 + 4T.S.d, GLUMBConv
   2T.d.2h + 2T.2h.9 + 2T.h.d; plus the caption projection 2S.(c.d + d^2) once.
-- Convolutional parts (DC-AE decoder and encoder, the LPIPS AlexNet, the patch
+- Convolutional parts (DC-AE decoder and encoder, the LPIPS backbone, ConvNeXt-S, the
   discriminator): the real classes are built from their published configs on the meta
   device (no weights, no memory) and counted by torch's FLOP counter.
 
 Training multiplies each part's forward by 3 when it is trained (forward, input and weight
 gradients), by 2 when it is frozen but gradients pass through it (the frozen LLM under the
-trainable queries, the frozen DiT in generation stage 1, LPIPS and the discriminator under
-the decoder), and by 1 when it only runs forward. Step time is FLOPs / (GPUs x peak x MFU):
+trainable queries, the frozen DiT in generation stage 1, the loss networks and the
+discriminator under the decoder), and by 1 when it only runs forward; the loss networks
+also run forward once on the real image. Step time is FLOPs / (GPUs x peak x MFU):
 the achievable fraction of peak (MFU) is an assumption, printed with the result.
 """
 
@@ -46,7 +47,7 @@ DEFAULT_DECODE_RATE = 45.0
 # Published sample counts of the recipes' sources (UNILIP_FACTS.md, the paper section 4.1)
 SOURCE_SIZES = {
     "blip3o-long": 27_200_000, "blip3o-short": 4_770_000, "journeydb": 4_280_000,
-    "gpt-image-edit": 1_500_000, "blip3o-60k": 60_000, "sharegpt-4o-image": 46_000,
+    "gpt-image-edit": 1_500_000, "blip3o-60k": 60_000, "sharegpt-4o-t2i": 45_000, "sharegpt-4o-image": 46_000,
 }  # fmt: skip
 PAPER_GPUS = {"reconstruction": 4, "generation": 16}  # 4 A100s; 2 nodes x 8
 PAPER_LATENCY_S = {"unilip-1b": 1.4, "unilip-3b": 1.7}  # Table 9, one A100, 20 steps, 448 px
@@ -156,24 +157,29 @@ def on_meta(build):
         return build()
 
 
-def conv_part_flops(name: str, resolution: int) -> float:
-    """DC-AE decoder/encoder, LPIPS AlexNet and the patch discriminator at `resolution`."""
+def conv_part_flops(name: str, pixels: int, width: int = 128) -> float:
+    """Forward FLOPs of a convolutional part: the DC-AE decoder rendering a `pixels` image
+    (32x its latent), the DC-AE encoder, an LPIPS backbone ("lpips-vgg", "lpips-alex") or
+    the discriminator (`width` channels) on a `pixels` image, ConvNeXt-S at its 224 px."""
     from diffusers import AutoencoderDC
 
-    out = 512 * resolution // 448  # the pixel decoder renders 32x the latent, then resizes
     if name in ("dcae_decoder", "dcae_encoder"):
         dcae = on_meta(lambda: AutoencoderDC(**DCAE_CONFIG))
         if name == "dcae_decoder":
-            return counted_flops(dcae.decoder, (1, 32, out // 32, out // 32))
-        return counted_flops(dcae.encoder, (1, 3, out, out))
-    if name == "lpips":
-        from torchvision.models import alexnet
+            return counted_flops(dcae.decoder, (1, 32, pixels // 32, pixels // 32))
+        return counted_flops(dcae.encoder, (1, 3, pixels, pixels))
+    if name in ("lpips-vgg", "lpips-alex"):
+        from torchvision.models import alexnet, vgg16
 
-        return counted_flops(on_meta(alexnet).features, (1, 3, resolution, resolution))
+        return counted_flops(on_meta(vgg16 if name == "lpips-vgg" else alexnet).features, (1, 3, pixels, pixels))
+    if name == "convnext":
+        from torchvision.models import convnext_small
+
+        return counted_flops(on_meta(convnext_small), (1, 3, 224, 224))
     if name == "discriminator":
-        from unilip.losses import PatchDiscriminator
+        from unilip.losses import NLayerDiscriminator
 
-        return counted_flops(on_meta(PatchDiscriminator), (1, 3, resolution, resolution))
+        return counted_flops(on_meta(lambda: NLayerDiscriminator(width)), (1, 3, pixels, pixels))
     raise ValueError(f"unknown convolutional part {name!r}")
 
 
@@ -192,13 +198,14 @@ class Part:
 
 
 def edit_fraction(recipe) -> float:
-    """Share of editing samples under the recipe's task-balanced weights (published sizes)."""
-    weights = {"generation": 0.0, "editing": 0.0}
+    """Share of editing samples under the recipe's sampling weights (published sizes)."""
+    from pipelines.mix import effective_weights
+
     for s in recipe.data.sources:
         if s.name not in SOURCE_SIZES:
             raise ValueError(f"no published size for source {s.name!r}; known: {', '.join(SOURCE_SIZES)}")
-        weights[s.task] += s.multiplier * SOURCE_SIZES[s.name]
-    return weights["editing"] / (weights["generation"] + weights["editing"])
+    weights = effective_weights(recipe.data.sources, SOURCE_SIZES)
+    return sum(weights[s.name] for s in recipe.data.sources if s.task == "editing") / sum(weights.values())
 
 
 def condition_tokens(arch: Architecture, edit: bool, prompt_tokens: int, num_queries: int) -> int:
@@ -211,22 +218,26 @@ def recipe_parts(recipe, arch: Architecture, prompt_tokens: int = 64) -> list[Pa
     """Per-sample forward FLOPs and passes of every part a recipe's training step runs."""
     res, trained = recipe.data.resolution, set(recipe.train.trainable)
     if recipe.kind == "reconstruction":
-        enc = 3 if "encoder" in trained else 1
+        enc, loss = (3 if "encoder" in trained else 1), recipe.loss
+        out = 32 * res // (2 * arch.patch)  # the pixel decoder renders 32x the latent, then resizes
         parts = [
             Part("InternViT", vit_flops(arch, res), enc),
             Part("projector", projector_flops(arch, res), enc),
             Part("down-projection", down_proj_flops(arch, res), 3),
-            Part("DC-AE decoder", conv_part_flops("dcae_decoder", res), 3),
-            Part("LPIPS AlexNet", conv_part_flops("lpips", res), 2),
+            Part("DC-AE decoder", conv_part_flops("dcae_decoder", out), 3),
         ]
-        if "encoder" in trained:  # the frozen original encoder for self-distillation
+        if loss.lpips:  # the reconstruction (gradients pass) and the real image (forward)
+            parts.append(Part(f"LPIPS {loss.lpips_net}", conv_part_flops(f"lpips-{loss.lpips_net}", res), 3))
+        if loss.convnext:
+            parts.append(Part("ConvNeXt-S", conv_part_flops("convnext", 224), 3))
+        if loss.distill:  # the frozen original encoder for self-distillation
             parts.append(Part("InternViT teacher", vit_flops(arch, res) + projector_flops(arch, res), 1))
-        start = recipe.train.gan_start_step
-        if start is not None and start < recipe.train.steps:
+        start = loss.gan_start_step
+        if loss.gan and start is not None and start < recipe.train.steps:
             # the decoder's gradient passes through D (2), D trains on real and fake (2 x 3);
             # averaged over the steps the adversarial loss is on
             on = (recipe.train.steps - start) / recipe.train.steps
-            parts.append(Part("discriminator", conv_part_flops("discriminator", res), (2 + 2 * 3) * on))
+            parts.append(Part("discriminator", conv_part_flops("discriminator", res, loss.discriminator_width), (2 + 2 * 3) * on))
         return parts
     edit = edit_fraction(recipe)
     num_queries = recipe.model.num_queries
@@ -235,9 +246,9 @@ def recipe_parts(recipe, arch: Architecture, prompt_tokens: int = 64) -> list[Pa
     )
     seq = round(seq)
     connector = Transformer(**{**arch.llm.__dict__, "layers": recipe.model.connector_layers})
-    latent = (res // (2 * arch.patch)) ** 2
+    latent = 16 * 16  # the diffusion latent: UniLIP's of a 448 px image, or DC-AE's of a 512 px one
     target = (
-        Part("DC-AE encoder (target)", conv_part_flops("dcae_encoder", res), 1)
+        Part("DC-AE encoder (target)", conv_part_flops("dcae_encoder", 512), 1)
         if recipe.model.latent_space == "dcae"
         else Part("UniLIP encoder (target)", vit_flops(arch, res) + projector_flops(arch, res) + down_proj_flops(arch, res), 1)
     )
@@ -255,7 +266,7 @@ def inference_flops(arch: Architecture, steps: int = 20, prompt_tokens: int = 64
     seq = condition_tokens(arch, False, prompt_tokens, num_queries)
     connector = Transformer(**{**arch.llm.__dict__, "layers": arch.connector_layers})
     condition = transformer_flops(arch.llm, seq) + transformer_flops(connector, seq)
-    return 2 * condition + steps * 2 * dit_flops(arch.dit, 256, seq) + conv_part_flops("dcae_decoder", 448)
+    return 2 * condition + steps * 2 * dit_flops(arch.dit, 256, seq) + conv_part_flops("dcae_decoder", 512)
 
 
 @dataclass

@@ -6,9 +6,11 @@
     unilip train-bench recon-stage1 --preset tiny --steps 40 --warmup 10
 
 Both loops train the same stage from the same seed with the same micro batch, gradient
-accumulation (one worker) and torch thread count. The bare loop is one process: AdamW,
-clipping, EMA, over batches decoded and mixed beforehand and held in memory, so its step
-is compute only. The Ray loop is `unilip train` with one worker: DeepSpeed (ZeRO from the
+accumulation (one worker), precision and torch thread count. The bare loop is one
+process running the training loop's own `optimizer_step` on a plain-PyTorch stand-in for
+the DeepSpeed engine (AdamW, clipping; in bf16 the parameters are cast as DeepSpeed
+casts them, without fp32 master weights), and EMA, over batches decoded and mixed
+beforehand and held in memory, so its step is compute only. The Ray loop is `unilip train` with one worker: DeepSpeed (ZeRO from the
 recipe), batches streamed from S3 through Ray Data and the task mixer, the data position
 bookkeeping; each step's time is the loop's `train/step_s` metric in MLflow. Steps that
 checkpoint or evaluate are excluded (neither runs inside the timed span), and so are the
@@ -36,7 +38,7 @@ def plain_batches(recipe: Recipe, s3, count: int) -> list[dict]:
     from pipelines.shard_source import read_shard
 
     def epoch(uri: str, task: str):
-        decode = SampleDecoder(task, recipe.data.resolution)
+        decode = SampleDecoder(task, recipe.data.resolution, preprocess=recipe.data.preprocess, seed=recipe.data.seed)
         for url in shard_uris(uri, s3):
             fs, path = s3.resolve(url)
             rows = list(read_shard(fs, path, url, task))
@@ -48,35 +50,55 @@ def plain_batches(recipe: Recipe, s3, count: int) -> list[dict]:
     return [mixer.next_batch() for _ in range(count)]
 
 
+class BareEngine:
+    """What `optimizer_step` asks of a DeepSpeed engine, in plain PyTorch: forward, a
+    backward scaled for accumulation, and clip + AdamW at each accumulation boundary.
+    In bf16 it casts the parameters as DeepSpeed does, without fp32 master weights."""
+
+    def __init__(self, net, optimizer, accumulation: int, grad_clip: float):
+        self.net, self.optimizer, self.accumulation, self.grad_clip = net, optimizer, accumulation, grad_clip
+        self.params = [p for p in net.parameters() if p.requires_grad]
+        self.micro = 0
+
+    def __call__(self, *args):
+        return self.net(*args)
+
+    def backward(self, loss) -> None:
+        (loss / self.accumulation).backward()
+
+    def step(self) -> None:
+        self.micro += 1
+        if self.micro % self.accumulation == 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
 def bare_step_times(recipe: Recipe, init_from: str | None, s3, steps: int, threads: int, log=print) -> list[float]:
     """Seconds per optimizer step of a plain PyTorch loop (one process, no DeepSpeed, no Ray)."""
-    from jobs.loop import build_stage
-    from jobs.optim import EMA, gradient_accumulation, lr_at, set_lr
+    from jobs.loop import build_stage, optimizer_step
+    from jobs.optim import EMA, gradient_accumulation
     from pipelines.mix import collate
 
     tc = recipe.train
     torch.set_num_threads(threads)
-    net, _, optimizer = build_stage(recipe, init_from, s3, "cpu")
-    if net.critic[0] is not None:
-        raise ConfigError(f"{recipe.name} trains a discriminator: benchmark a stage without the adversarial step")
+    stage = build_stage(recipe, init_from, s3, "cpu")
+    if tc.precision == "bf16":
+        for p in stage.net.parameters():
+            p.data = p.data.to(torch.bfloat16)
     accumulation = gradient_accumulation(tc, 1)
     log(f"[bench] bare loop: decoding {steps * accumulation} micro batches into memory")
     batches = iter(plain_batches(recipe, s3, steps * accumulation))
-    params = [p for p in net.parameters() if p.requires_grad]
-    ema = EMA({n: p for n, p in net.named_parameters() if p.requires_grad}, tc.ema_decay)
+    engine = BareEngine(stage.net, stage.optimizer, accumulation, tc.grad_clip)
+    ema = EMA({n: p for n, p in stage.net.named_parameters() if p.requires_grad}, tc.ema_decay)
     rng, generator = random.Random(tc.seed * 1000), torch.Generator().manual_seed(tc.seed * 1000)
     times = []
-    net.train()
+    stage.net.train()
     for step in range(steps):
         started = time.perf_counter()
-        set_lr(optimizer, lr_at(step, tc))
-        for _ in range(accumulation):
-            terms = net(collate(next(batches), dtype=net.model.dtype), step, rng, generator)
-            (terms["loss"] / accumulation).backward()
-        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update()
+        micro = [collate(next(batches)) for _ in range(accumulation)]
+        optimizer_step(engine, stage, micro, step, recipe, 1, rng, generator, "cpu")
+        ema.update(step + 1)
         times.append(time.perf_counter() - started)
     return times
 

@@ -192,7 +192,7 @@ def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512
         for i, name in enumerate(stages, 1):
             print(f"\n   -- stage {i}/{len(stages)}: {name}", flush=True)
             # the adversarial loss from half-way, as in the paper's stage 2 (200k of 400k steps)
-            extra = [f"train.gan_start_step={steps // 2}"] if name == "recon-stage2" else []
+            extra = [f"loss.gan_start_step={steps // 2}"] if name == "recon-stage2" else []
             uri = run_stage(name, "tiny", workers, False, overrides + extra, init_from=uri, run_name=f"demo-{name}")
             models[name] = uri
             run_ids[name] = find_run(EXPERIMENT, f"demo-{name}").info.run_id

@@ -23,8 +23,9 @@ PROMPTS = [
 INSTRUCTIONS = ["Make it black and white.", "Turn it into a pencil sketch."]
 
 
-def load_eval_images(uri: str, s3: S3Access, n: int, resolution: int) -> np.ndarray:
-    """The first `n` good images of a generation source: uint8 (n, res, res, 3), read once."""
+def load_eval_images(uri: str, s3: S3Access, n: int, resolution: int, preprocess: str = "center_crop") -> np.ndarray:
+    """The first `n` good images of a generation source, framed by `preprocess` (centre
+    crops for reconstruction, as the release evaluates): uint8 (n, res, res, 3), read once."""
     from pipelines.decode import BadSample, decode_image
     from pipelines.read import shard_uris
     from pipelines.shard_source import read_shard
@@ -34,7 +35,7 @@ def load_eval_images(uri: str, s3: S3Access, n: int, resolution: int) -> np.ndar
         fs, path = s3.resolve(url)
         for row in read_shard(fs, path, url, "generation"):
             try:
-                images.append(decode_image(row["image"], resolution))
+                images.append(decode_image(row["image"], resolution, preprocess))
             except BadSample:
                 continue
             if len(images) == n:
@@ -59,7 +60,6 @@ def evaluate(model, kind: str, images: np.ndarray, seed: int = 0, fid=None) -> t
     (PSNR, SSIM, and rFID with `fid`, a `FIDFeatures`). Generation: samples for the fixed
     prompts, then edits of held-out images."""
     from PIL import Image
-
 
     originals = [Image.fromarray(im) for im in images]
     if kind == "reconstruction":

@@ -1,21 +1,26 @@
 """The one training loop: every stage, on every Ray Train worker, under DeepSpeed.
 
 Started by `jobs/train.py` (`unilip train RECIPE`), which passes the recipe, the run's
-storage and tracking settings and the data plan as `config`. Per optimizer step:
+storage and tracking settings and the data plan as `config`. Per optimizer step
+(`optimizer_step`):
 
     for each of `accumulation` micro batches:      (global = workers x micro x accumulation)
-        batch <- this worker's mixer over its streaming splits of the sources
-        loss  <- StageNet: reconstruction terms, or the rectified-flow loss
+        batch <- this worker's slot of the step plan (single-task micro batches; the
+                 step mixes the tasks at their ratio, pipelines.mix)
+        loss  <- StageNet: the model in the training precision; reconstruction terms
+                 (fp32 loss networks, unilip.losses) or the rectified-flow loss
         engine.backward(loss); engine.step()       (DeepSpeed: ZeRO, clipping, bf16)
-        the discriminator's own step, when the adversarial loss is on
-    EMA update; samples of the step recorded as consumed
-    every log_every: metrics (rank 0 -> MLflow), a progress line
+        the discriminator's own loss, when the adversarial loss is on
+    the discriminator's step (fp32, its own AdamW and lr schedule from the GAN start)
+    EMA update (the release's warmup); samples of the step recorded as consumed
+    every log_every: metrics averaged over workers (rank 0 -> MLflow), a progress line
     every eval_every: PSNR/SSIM or sample grids; every checkpoint_every: a checkpoint
 At the end the EMA weights are exported as a model directory and registered in MLflow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -30,24 +35,27 @@ from torch import nn
 
 from jobs.checkpoint import DS_TAG, load_critic, load_rng_state, rng_state, safe_checkpoint_engine, save_critic
 from jobs.optim import EMA, adamw_groups, deepspeed_config, gathered, gradient_accumulation, lr_at, set_lr, zero_stage
-from unilip.config import Recipe, S3Config, from_dict
+from unilip.config import LossConfig, Recipe, S3Config, from_dict
+from unilip.losses import TERMS, ReconstructionLoss
 from unilip.model import UniLIP
+
+# What a step reports, per stage kind (every worker reports the same names: they are averaged)
+STEP_TERMS = {"reconstruction": ("loss", *TERMS, "critic", "lecam"), "generation": ("loss", "flow_generation", "flow_editing")}
 
 
 class StageNet(nn.Module):
     """What DeepSpeed trains: the model, whose forward is the stage's loss on one micro batch.
 
-    The discriminator is not a submodule: it has its own optimizer, outside DeepSpeed."""
+    The reconstruction loss is not a submodule: its networks stay fp32 (never cast by
+    DeepSpeed), and its discriminator trains with its own optimizer."""
 
-    def __init__(self, model: UniLIP, recipe: Recipe, critic: nn.Module | None):
+    def __init__(self, model: UniLIP, kind: str, loss: ReconstructionLoss | None = None):
         super().__init__()
-        self.model, self.kind, self.critic = model, recipe.kind, [critic]
-        if self.kind == "reconstruction":
-            self.recon_loss = model.reconstruction_loss_fn(recipe.train.loss_weights, recipe.train.gan_start_step)
+        self.model, self.kind, self.loss = model, kind, [loss]
 
     def forward(self, batch: dict, step: int, rng: random.Random, generator: torch.Generator) -> dict:
         if self.kind == "reconstruction":
-            return self.model.reconstruction_terms(batch["pixel_values"], self.recon_loss, step, self.critic[0])
+            return self.model.reconstruction_terms(batch["pixel_values"], self.loss[0], step)
         total, terms = 0.0, {}
         for task in ("generation", "editing"):
             rows = [i for i, t in enumerate(batch["task"]) if t == task]
@@ -66,24 +74,85 @@ def build_model(recipe: Recipe, init_from: str | None, s3) -> UniLIP:
     """The stage's starting point: the previous stage's export, or the preset's sources."""
     from unilip.artifacts import fetch_model
 
-    teacher = recipe.train.loss_weights.get("distill", 0.0) > 0
+    teacher = recipe.kind == "reconstruction" and recipe.loss.distill > 0
     if init_from:
         return UniLIP.from_pretrained(fetch_model(init_from, s3), teacher=teacher, cfg=recipe.model)
     return UniLIP.from_preset(recipe.model.preset, recipe.model, teacher=teacher)
 
 
-def build_stage(recipe: Recipe, init_from: str | None, s3, device) -> tuple[StageNet, nn.Module, torch.optim.Optimizer]:
-    """The stage's network, its discriminator (None unless trained) and the AdamW over its
-    trainable parameter groups. Seeded: identical initial weights on every worker."""
+def local_loss_config(cfg: LossConfig, s3) -> LossConfig:
+    """The loss config with the weight files of the terms that are on fetched (s3:// -> the local cache)."""
+    from unilip.artifacts import fetch_file
+
+    fetch = lambda weight, uri: str(fetch_file(uri, s3)) if weight and uri else None  # noqa: E731
+    return dataclasses.replace(cfg, lpips_weights=fetch(cfg.lpips, cfg.lpips_weights),
+                               convnext_weights=fetch(cfg.convnext, cfg.convnext_weights))  # fmt: skip
+
+
+@dataclasses.dataclass
+class Stage:
+    net: StageNet
+    optimizer: torch.optim.Optimizer  # the model's (handed to DeepSpeed)
+    critic_optimizer: torch.optim.Optimizer | None  # the discriminator's
+
+    @property
+    def loss(self) -> ReconstructionLoss | None:
+        return self.net.loss[0]
+
+
+def build_stage(recipe: Recipe, init_from: str | None, s3, device) -> Stage:
+    """The stage's network, the AdamW over its trainable parameter groups, and for a stage
+    with an adversarial loss the discriminator's AdamW (weight decay on its weights only).
+    Seeded: identical initial weights on every worker."""
     tc = recipe.train
     torch.manual_seed(tc.seed)
     model = build_model(recipe, init_from, s3)
     model.set_trainable(tc.trainable)
     groups = adamw_groups(model.param_groups(tc.lr_scales), tc.weight_decay)
-    critic = model.discriminator
-    model.discriminator = None  # trained by its own optimizer; put back for export
-    net = StageNet(model, recipe, critic if "discriminator" in tc.trainable else None).to(device)
-    return net, critic, torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas))
+    loss = model.reconstruction_loss(local_loss_config(recipe.loss, s3)) if recipe.kind == "reconstruction" else None
+    net = StageNet(model, recipe.kind, loss).to(device)
+    critic_opt = None
+    if loss is not None:
+        loss.to(device)
+        if loss.discriminator is not None:
+            d_groups = [{"name": "discriminator", "params": list(loss.discriminator.parameters()),
+                         "named": list(loss.discriminator.named_parameters()), "lr_scale": 1.0}]  # fmt: skip
+            critic_opt = torch.optim.AdamW(adamw_groups(d_groups, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
+    return Stage(net, torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas)), critic_opt)
+
+
+def optimizer_step(engine, stage: Stage, micro_batches: list[dict], step: int, recipe: Recipe, world: int,
+                   rng: random.Random, generator: torch.Generator, device) -> dict[str, float]:  # fmt: skip
+    """One optimizer step over collated micro batches: the model through DeepSpeed, then
+    the discriminator (when the adversarial loss is on at `step`). Returns this worker's
+    terms, each the mean over the micro batches that had it."""
+    tc, loss = recipe.train, stage.loss
+    set_lr(stage.optimizer, lr_at(step, tc))
+    critic_on = loss is not None and loss.gan_active(step)
+    sums: dict[str, list[float]] = {}
+    for batch in micro_batches:
+        terms = engine(batch, step, rng, generator)
+        engine.backward(terms["loss"])
+        engine.step()
+        if critic_on:
+            d_terms = loss.discriminator_terms(terms["recon"], batch["pixel_values"])
+            (d_terms["critic"] / len(micro_batches)).backward()
+            terms |= d_terms
+        for k, v in terms.items():
+            if k != "recon":
+                sums.setdefault(k, []).append(float(v.detach()))
+    if critic_on:
+        set_lr(stage.critic_optimizer, lr_at(step, tc, start=recipe.loss.gan_start_step))
+        critic_step(loss.discriminator, stage.critic_optimizer, tc.grad_clip, world)
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+def mean_over_workers(terms: dict[str, float], names: tuple[str, ...], device) -> dict[str, float]:
+    """Average each named term over the workers that have it (a collective: every worker calls it)."""
+    values = torch.tensor([[terms.get(n, 0.0), float(n in terms)] for n in names], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+    return {n: float(v / c) for n, (v, c) in zip(names, values.tolist()) if c}
 
 
 def train_loop(config: dict) -> None:
@@ -107,19 +176,15 @@ def train_loop(config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    net, critic, optimizer = build_stage(recipe, config["init_from"], s3, device)
-    model = net.model
-    engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=deepspeed_config(tc, world))
+    stage = build_stage(recipe, config["init_from"], s3, device)
+    model, loss = stage.net.model, stage.loss
+    engine, *_ = deepspeed.initialize(model=stage.net, optimizer=stage.optimizer, config=deepspeed_config(tc, world))
     engine.checkpoint_engine = safe_checkpoint_engine()
-    critic_opt = None
-    if net.critic[0] is not None:
-        critic.to(device)
-        critic_opt = torch.optim.AdamW(critic.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
     ema = EMA(trainable, tc.ema_decay)
     accumulation = gradient_accumulation(tc, world)
     log(f"[{recipe.name}] {world} workers on {device.type}, {torch.get_num_threads()} torch threads each, "
-        f"micro batch {tc.micro_batch} x {accumulation} accumulation, ZeRO-{zero_stage(tc, world)}")  # fmt: skip
+        f"micro batch {tc.micro_batch} x {accumulation} accumulation, ZeRO-{zero_stage(tc, world)}, {tc.precision}")  # fmt: skip
 
     # Sampling randomness (CFG drops, noise, timesteps) differs per worker, and is checkpointed.
     rng = random.Random(tc.seed * 1000 + rank)
@@ -136,8 +201,8 @@ def train_loop(config: dict) -> None:
             from safetensors.torch import load_file
 
             ema.load_state_dict(load_file(str(d / "ema.safetensors")))
-            if critic_opt is not None:
-                load_critic(d / "critic.safetensors", critic, critic_opt)
+            if stage.critic_optimizer is not None:
+                load_critic(d / "critic.safetensors", loss.discriminator, stage.critic_optimizer)
             rng_file = d / f"rng-{rank}.json"
             if rng_file.exists():  # the same number of workers as before
                 load_rng_state(json.loads(rng_file.read_text()), rng, generator)
@@ -146,8 +211,8 @@ def train_loop(config: dict) -> None:
     plan = {n: SourcePlan(**p) for n, p in config["plan"].items()}
     shards = {n: ray.train.get_dataset_shard(n) for n in plan}
     rest = {n: ray.train.get_dataset_shard(n + REST) for n in plan}
-    mixer = worker_mixer(plan, shards, tc.micro_batch, recipe.data.batch_mode, recipe.data.seed,
-                         read_batch_size=tc.micro_batch, rest=rest, state=mixer_state)  # fmt: skip
+    mixer = worker_mixer(plan, shards, tc.micro_batch, recipe.data.batch_mode, recipe.data.seed, rank, world,
+                         accumulation, rest=rest, state=mixer_state, epochs=position.epochs)  # fmt: skip
     counter = config["counter"]
 
     tracker = None
@@ -157,7 +222,9 @@ def train_loop(config: dict) -> None:
     evaluating = bool(recipe.data.eval_uri and tc.eval_every)
     fid = None
     if evaluating:
-        eval_images = load_eval_images(recipe.data.eval_uri, s3, recipe.data.eval_samples, recipe.data.resolution)
+        # reconstruction is scored on centre crops; generation edits squashed references
+        framing = "center_crop" if recipe.kind == "reconstruction" else "squash"
+        eval_images = load_eval_images(recipe.data.eval_uri, s3, recipe.data.eval_samples, recipe.data.resolution, framing)
         if rank == 0 and recipe.data.fid_weights and recipe.kind == "reconstruction":
             from jobs.fid import FIDFeatures
             from unilip.artifacts import fetch_file
@@ -190,8 +257,8 @@ def train_loop(config: dict) -> None:
                          "position": Position.merged(states).state(), "recipe": recipe.name}  # fmt: skip
                 (out / "train_state.json").write_text(json.dumps(state))
                 save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(out / "ema.safetensors"))
-                if critic_opt is not None:
-                    save_critic(out / "critic.safetensors", critic, critic_opt)
+                if stage.critic_optimizer is not None:
+                    save_critic(out / "critic.safetensors", loss.discriminator, stage.critic_optimizer)
             ray.train.report({"step": at}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"step-{at:08d}")  # fmt: skip
         log(f"[{recipe.name}] checkpoint step-{at:08d}")
@@ -201,38 +268,12 @@ def train_loop(config: dict) -> None:
     while step < tc.steps:
         maybe_fault(config, tc.fault_step, step, rank, world, s3)
         step_started = time.perf_counter()
-        set_lr(optimizer, lr_at(step, tc))
-        if critic_opt is not None:
-            set_lr(critic_opt, lr_at(step, tc))
-        totals: dict[str, float] = {}
-        consumed = []
-        critic_on = critic_opt is not None and net.recon_loss.gan_active(step)
-        for _ in range(accumulation):
-            raw = mixer.next_batch()
-            consumed.append(raw)
-            batch = collate(raw, device=device, dtype=engine.module.model.dtype)
-            if critic_opt is not None:
-                critic.requires_grad_(False)  # the generator's adversarial term must not train it
-            terms = engine(batch, step, rng, generator)
-            engine.backward(terms["loss"])
-            engine.step()
-            if critic_on:
-                critic.requires_grad_(True)
-                target = batch["pixel_values"]
-                d_loss = net.recon_loss.discriminator_loss(terms["recon"].float(), denorm_target(target), critic)
-                (d_loss / accumulation).backward()
-                terms["critic"] = d_loss
-            for k, v in terms.items():
-                if k != "recon":
-                    totals[k] = totals.get(k, 0.0) + float(v.detach()) / accumulation
-        if critic_on:
-            critic_step(critic, critic_opt, tc.grad_clip, world)
-        ema.update()
+        consumed = [mixer.next_batch() for _ in range(accumulation)]
+        terms = optimizer_step(engine, stage, [collate(raw, device=device) for raw in consumed], step, recipe, world,
+                               rng, generator, device)  # fmt: skip
+        ema.update(step + 1)
         for raw in consumed:
-            for source in plan:
-                rows = raw["origin"] == source
-                if rows.any():
-                    position.consume(source, int(raw["epoch"][rows][0]), raw["url"][rows], raw["index"][rows])
+            record_consumed(position, raw)
         step_s = time.perf_counter() - step_started  # data, forward, backward, optimizer, EMA
         if tc.record_samples:
             keys = [f"{u}#{i}" for raw in consumed for u, i in zip(raw["url"], raw["index"])]
@@ -243,7 +284,7 @@ def train_loop(config: dict) -> None:
             elapsed = time.perf_counter() - started
             rate = samples / elapsed
             grad_norm = engine.get_global_grad_norm()
-            metrics = {f"train/{k}": v for k, v in totals.items()}
+            metrics = {f"train/{k}": v for k, v in mean_over_workers(terms, STEP_TERMS[recipe.kind], device).items()}
             metrics |= {"train/lr": lr_at(step - 1, tc), "train/samples_per_s": rate, "train/step_s": step_s}
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
@@ -252,14 +293,13 @@ def train_loop(config: dict) -> None:
                 metrics |= {f"data/skipped/{k}": v for k, v in skips.items()}
                 tracker.metrics(metrics, step)
             eta = (tc.steps - step) * elapsed / max(1, step - first_step)
-            log(f"[{recipe.name}] step {step}/{tc.steps}  loss {totals['loss']:.4f}  lr {metrics['train/lr']:.2e}  "
+            log(f"[{recipe.name}] step {step}/{tc.steps}  loss {metrics['train/loss']:.4f}  lr {metrics['train/lr']:.2e}  "
                 f"{rate:.1f} samples/s  ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")  # fmt: skip
         if evaluating and (step % tc.eval_every == 0 or step == tc.steps):
             run_eval(step)
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             save_checkpoint(step)
 
-    model.discriminator = critic
     registered = [tracker.registered() if tracker else None]
     dist.broadcast_object_list(registered, src=0)
     if first_step < tc.steps or registered[0] is None:  # not a restart of a finished, exported run
@@ -271,10 +311,14 @@ def train_loop(config: dict) -> None:
         tracker.end()
 
 
-def denorm_target(pixel_values: torch.Tensor) -> torch.Tensor:
-    from unilip.encoder import denormalize
-
-    return denormalize(pixel_values).float() * 2 - 1
+def record_consumed(position, raw: dict) -> None:
+    """The samples of a micro batch as consumed, per source and epoch (in order: a batch
+    may run across the end of a source's epoch)."""
+    for source in dict.fromkeys(raw["origin"]):
+        rows = raw["origin"] == source
+        for epoch in dict.fromkeys(raw["epoch"][rows].tolist()):
+            sel = rows & (raw["epoch"] == epoch)
+            position.consume(source, int(epoch), raw["url"][sel], raw["index"][sel])
 
 
 def critic_step(critic: nn.Module, optimizer, grad_clip: float, world: int) -> None:

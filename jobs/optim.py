@@ -10,11 +10,16 @@ from torch import nn
 from unilip.config import TrainConfig
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine decay to `min_lr` at the last step (step counts from 0)."""
+def lr_at(step: int, cfg: TrainConfig, start: int = 0) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at the last step (step counts
+    from 0). A schedule that begins at `start` (the discriminator's, at the GAN start, as
+    in the release) warms up from there and spans the remaining steps; 0 before it."""
+    step -= start
+    if step < 0:
+        return 0.0
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - start - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -24,10 +29,14 @@ def set_lr(optimizer, lr: float) -> None:
 
 
 def adamw_groups(groups: list[dict], weight_decay: float) -> list[dict]:
-    """Split each component's group into decayed (matrices) and undecayed (norms, biases)."""
+    """Split each component's group into decayed (matrices, convolutions) and undecayed
+    (norms, biases, and the InternViT patch and position embeddings, as the release has it)."""
     out = []
     for g in groups:
-        for decay, params in ((weight_decay, [p for p in g["params"] if p.ndim >= 2]), (0.0, [p for p in g["params"] if p.ndim < 2])):
+        named = g.get("named") or [(str(i), p) for i, p in enumerate(g["params"])]
+        undecayed = {id(p) for n, p in named if p.ndim < 2 or "embed" in n}
+        for decay, params in ((weight_decay, [p for p in g["params"] if id(p) not in undecayed]),
+                              (0.0, [p for p in g["params"] if id(p) in undecayed])):  # fmt: skip
             if params:
                 out.append({"name": g["name"], "params": params, "lr_scale": g["lr_scale"], "weight_decay": decay})
     return out
@@ -61,6 +70,13 @@ def deepspeed_config(cfg: TrainConfig, workers: int) -> dict:
     }
 
 
+def ema_decay(update: int, ceiling: float) -> float:
+    """The release's EMA warmup: the n-th update (from 1) averages with decay
+    min((1 + k) / (10 + k), ceiling), k = n - 1; the first one copies the weights."""
+    k = update - 1
+    return 0.0 if k <= 0 else min((1 + k) / (10 + k), ceiling)
+
+
 class EMA:
     """Exponential moving average of the trainable parameters, in fp32 (exported weights).
 
@@ -72,10 +88,12 @@ class EMA:
             self.shadow = {n: p.detach().float().clone() for n, p in named.items()}
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, update: int) -> None:
+        """The `update`-th average (from 1: one per optimizer step, so a resume knows it)."""
+        decay = ema_decay(update, self.decay)
         with gathered(list(self.named.values())):
             for n, p in self.named.items():
-                self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+                self.shadow[n].lerp_(p.detach().float(), 1.0 - decay)
 
     @torch.no_grad()
     def copy_to_params(self) -> None:

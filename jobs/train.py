@@ -50,8 +50,10 @@ def prepare(name: str, preset: str, overrides: list[str]) -> Recipe:
     for src in recipe.data.sources:
         src.uri = expand(src.uri, f"data source {src.name}")
     recipe.data.eval_uri = expand(recipe.data.eval_uri, "data.eval_uri")
-    if recipe.train.zero_stage == 3 and recipe.data.batch_mode != "single_task" and recipe.kind == "generation":
-        raise ConfigError("train.zero_stage 3 needs data.batch_mode single_task (every worker must run the same modules each step)")
+    tasks = {s.task for s in recipe.data.sources}
+    if recipe.train.zero_stage == 3 and len(tasks) > 1 and recipe.data.batch_mode != "lockstep":
+        raise ConfigError("train.zero_stage 3 with generation and editing sources needs data.batch_mode lockstep "
+                          "(under ZeRO-3 every worker must run the same modules at each micro step)")  # fmt: skip
     return recipe
 
 

@@ -3,7 +3,7 @@
     unilip data bench --src s3://unilip/bench/generation [--resolution 448] [--inflight-mb 96]
 
 Both paths read the same shards through the same S3 access point and decode with the
-same function (PIL, draft mode for JPEG, shorter side to the resolution, centre crop),
+same function (PIL, draft mode for JPEG, squash-resized to the resolution),
 then normalise for InternVL into torch tensors (the training collate's function). The
 plain loop is one process; the Ray pipeline is `source_dataset` consumed with
 `iter_batches`. Prints images/s for both, their ratio, images/s per core, and the peak

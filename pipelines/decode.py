@@ -2,10 +2,19 @@
 
 Images: JPEGs are decoded in PIL's draft mode at the smallest scale still covering the
 target (a 1024 px square JPEG becomes a 512 px decode for a 448 target), converted to
-RGB, centre-cropped to a square and resized to the stage resolution: uint8 (res, res, 3). Normalisation for InternVL happens on the training worker (`collate`),
-where it is one vectorised op and the object store carries 4x fewer bytes.
+RGB, then framed as the release frames them (`data.preprocess`):
+- random_crop (reconstruction training): the shorter side resized to the resolution
+  (bicubic, antialiased), a random square crop and a random horizontal flip, drawn from a
+  seed of (data.seed, shard url, index in shard): a resumed run re-reads a sample with
+  the same crop and flip;
+- squash (generation and editing, training and inference): the whole image resized to
+  resolution x resolution (bicubic), as InternVL's image processor does;
+- center_crop (reconstruction evaluation): the centre square of the shorter side.
+The result is uint8 (res, res, 3). Normalisation for InternVL happens on the training
+worker (`collate`), where it is one vectorised op and the object store carries 4x fewer bytes.
 
-Text: UTF-8, whitespace-normalised, formatted with the task's prompt template.
+Text: UTF-8, outer whitespace stripped, formatted with the release's prompt template
+(`unilip.prompts`). Generation captions over 1,000 characters are dropped, as the release drops them.
 
 Bad samples are dropped here and counted by reason (see `SKIP_REASONS`); the counts go
 to a `SkipCounter` actor the trainer reads for logging.
@@ -13,6 +22,7 @@ to a `SkipCounter` actor the trainer reads for logging.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from collections import Counter
@@ -20,13 +30,15 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
+from unilip.prompts import MAX_CAPTION_CHARS, training_prompt
+
 SKIP_REASONS = (
     "truncated_tar", "unreadable_shard", "missing_image", "missing_text", "missing_edit_input",
-    "bad_image", "bad_text", "empty_text", "image_too_small", "image_too_large",
+    "bad_image", "bad_text", "empty_text", "caption_too_long", "image_too_small", "image_too_large",
 )  # fmt: skip
 MIN_SIDE = 32
 MAX_PIXELS = 64 * 1024 * 1024  # larger is a decompression bomb, not a photo
-TEMPLATES = {"generation": "{text}", "editing": "{text}"}
+PREPROCESS = ("random_crop", "center_crop", "squash")
 
 
 class BadSample(ValueError):
@@ -36,8 +48,17 @@ class BadSample(ValueError):
         self.reason = reason
 
 
-def decode_image(data: bytes | None, resolution: int, missing: str = "missing_image") -> np.ndarray:
-    """Bytes -> (res, res, 3) uint8: draft-mode decode, shorter side to res, centre crop."""
+def sample_rng(seed: int, url: str, index: int) -> np.random.Generator:
+    """The augmentation randomness of one sample: a function of the seed and where the
+    sample lives (a stable digest of the url: Python's hash() differs per process)."""
+    digest = int.from_bytes(hashlib.blake2b(url.encode(), digest_size=8).digest(), "little")
+    return np.random.default_rng([seed, digest, index])
+
+
+def decode_image(data: bytes | None, resolution: int, preprocess: str = "squash", rng: np.random.Generator | None = None,
+                 missing: str = "missing_image") -> np.ndarray:  # fmt: skip
+    """Bytes -> (res, res, 3) uint8: draft-mode decode, then the `preprocess` framing
+    (random_crop draws its crop and flip from `rng`)."""
     if not data:
         raise BadSample(missing)
     try:
@@ -55,37 +76,58 @@ def decode_image(data: bytes | None, resolution: int, missing: str = "missing_im
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadSample("bad_image") from None
-    return np.asarray(resize_crop(im, resolution))
+    return np.asarray(frame(im, resolution, preprocess, rng))
 
 
-def resize_crop(im: Image.Image, resolution: int) -> Image.Image:
-    """Centre square of the shorter side, resized to resolution x resolution in one pass
-    (cropping first resizes fewer pixels than resize-then-crop)."""
+def frame(im: Image.Image, resolution: int, preprocess: str, rng: np.random.Generator | None = None) -> Image.Image:
+    """Resize (and crop, flip) to resolution x resolution in one resampling pass: a crop of
+    the resized image is the resize of the matching box of the original."""
+    if preprocess not in PREPROCESS:
+        raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
+    if preprocess == "squash":
+        return im.resize((resolution, resolution), Image.Resampling.BICUBIC, reducing_gap=2.0)
     w, h = im.size
     side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
+    scale = side / resolution  # source pixels per output pixel
+    if preprocess == "center_crop":
+        left, top = (w - side) / 2, (h - side) / 2
+    else:
+        if rng is None:
+            raise ValueError("random_crop needs the sample's rng")
+        # offsets in the resized image (shorter side = resolution), as RandomCrop draws them
+        span_x, span_y = int(w / scale) - resolution, int(h / scale) - resolution
+        left, top = rng.integers(0, span_x + 1) * scale, rng.integers(0, span_y + 1) * scale
     box = (left, top, left + side, top + side)
-    return im.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
+    out = im.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
+    if preprocess == "random_crop" and rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return out
 
 
 def decode_text(data: bytes | None, task: str) -> str:
     if data is None:
         raise BadSample("missing_text")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8").strip()
     except UnicodeDecodeError:
         raise BadSample("bad_text") from None
-    text = " ".join(text.split())
     if not text:
         raise BadSample("empty_text")
-    return TEMPLATES[task].format(text=text)
+    if task == "generation" and len(text) > MAX_CAPTION_CHARS:
+        raise BadSample("caption_too_long")
+    return training_prompt(task, text)
 
 
 class SampleDecoder:
     """The `map_batches` function: raw rows -> decoded rows; bad rows dropped and counted."""
 
-    def __init__(self, task: str, resolution: int, counter=None):
+    def __init__(self, task: str, resolution: int, counter=None, preprocess: str = "squash", seed: int = 0):
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
+        if task == "editing" and preprocess == "random_crop":
+            raise ValueError("editing pairs are squash-resized: a random crop would frame input and output differently")
         self.task, self.resolution, self.counter = task, resolution, counter
+        self.preprocess, self.seed = preprocess, seed
 
     def __call__(self, batch: dict) -> dict:
         res = self.resolution
@@ -96,9 +138,10 @@ class SampleDecoder:
                 if batch["skip"][i]:
                     raise BadSample(batch["skip"][i])
                 prompt = decode_text(batch["text"][i], self.task)
+                rng = sample_rng(self.seed, batch["url"][i], int(batch["index"][i])) if self.preprocess == "random_crop" else None
                 if self.task == "editing":
-                    source = decode_image(batch["source"][i], res, "missing_edit_input")
-                image = decode_image(batch["image"][i], res)
+                    source = decode_image(batch["source"][i], res, self.preprocess, rng, "missing_edit_input")
+                image = decode_image(batch["image"][i], res, self.preprocess, rng)
             except BadSample as e:
                 skipped[e.reason] += 1
                 continue

@@ -10,9 +10,10 @@ latest checkpoint's epoch has not consumed yet; see `pipelines.position`).
 
 Worker side:
 
-    mixer = worker_mixer(plan, {n: get_dataset_shard(n) for n in plan},
-                         {n: get_dataset_shard(n + ".rest") for n in plan}, batch_size=16,
-                         mode="single_task", seed=0, state=mixer_state_from_checkpoint)
+    mixer = worker_mixer(plan, {n: get_dataset_shard(n) for n in plan}, batch_size=16, mode="single_task",
+                         seed=0, rank=rank, world=world, accumulation=1,
+                         rest={n: get_dataset_shard(n + ".rest") for n in plan},
+                         state=mixer_state_from_checkpoint, epochs=position.epochs)
     for batch in mixer: batch = collate(batch) ...
 
 Nothing is materialised: each source streams shard by shard from S3 for every epoch.
@@ -73,7 +74,7 @@ def build_sources(cfg: DataConfig, s3: S3Access, counter_name: str | None = None
     configure_data_context(cfg.inflight_mb)  # bounded memory; deterministic order under a seed
     plan = plan_sources(cfg, s3)
     counter = skip_counter(counter_name)
-    datasets = {s.name: source_dataset(s.uri, s.task, s3, cfg.resolution, counter) for s in cfg.sources}
+    datasets = {s.name: _dataset(cfg, s3, s, counter, None) for s in cfg.sources}
     return Sources(datasets, plan, counter)
 
 
@@ -95,26 +96,32 @@ def dataset_factories(cfg: DataConfig, s3: S3Access, counter, position: Callable
 
 def _dataset(cfg: DataConfig, s3: S3Access, src, counter, done):
     configure_data_context(cfg.inflight_mb)  # runs where Ray Train builds the datasets
-    return source_dataset(src.uri, src.task, s3, cfg.resolution, counter, done=done)
+    return source_dataset(src.uri, src.task, s3, cfg.resolution, counter, done=done, preprocess=cfg.preprocess, seed=cfg.seed)
 
 
 def worker_mixer(plan: dict[str, SourcePlan], iterators: dict, batch_size: int, mode: str, seed: int,
-                 read_batch_size: int = 32, prefetch_batches: int = 2, rest: dict | None = None,
-                 state: dict | None = None) -> TaskMixer:  # fmt: skip
-    """A TaskMixer over this worker's split iterators (DataIterator per source). With `rest`
-    and `state` (a resume), each source first finishes its interrupted epoch from `rest`."""
+                 rank: int = 0, world: int = 1, accumulation: int = 1, rest: dict | None = None,
+                 state: dict | None = None, epochs: dict[str, int] | None = None, prefetch_batches: int = 2) -> TaskMixer:  # fmt: skip
+    """This worker's TaskMixer over its split iterators (DataIterator per source). With
+    `rest` and `state` (a resume), each source first finishes its interrupted epoch (its
+    number in `epochs`) from `rest`.
 
-    def epochs(name):
+    Each source is read `accumulation + 2` micro batches ahead in a thread: more than any
+    worker's lead over another in a source (at most one step's rows, `StepPlan`), so the
+    split's start-of-epoch barrier is met in the reading threads (see `pipelines.mix`).
+    Memory: that many decoded micro batches per source per worker."""
+
+    def epoch_factory(name):
         first = [rest[name]] if rest and state else []
 
         def next_epoch():
             it = first.pop() if first else iterators[name]
-            return iter(it.iter_batches(batch_size=read_batch_size, batch_format="numpy", prefetch_batches=prefetch_batches))
+            return iter(it.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches))
 
         return next_epoch
 
-    sources = [MixSource(name, p.task, p.weight, epochs(name)) for name, p in plan.items()]
-    mixer = TaskMixer(sources, batch_size, mode, seed)
+    sources = [MixSource(name, p.task, p.weight, epoch_factory(name), prefetch=accumulation + 2) for name, p in plan.items()]
+    mixer = TaskMixer(sources, batch_size, mode, seed, rank, world, accumulation, epochs if state else None)
     if state:
         mixer.load_state(state)
     return mixer

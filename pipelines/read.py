@@ -45,13 +45,14 @@ def raw_dataset(uri: str, task: str, s3: S3Access, counter=None, done: dict | No
     return ray.data.read_datasource(source, override_num_blocks=max(1, len(uris)))
 
 
-def source_dataset(uri: str, task: str, s3: S3Access, resolution: int, counter=None,
-                   batch_size: int = 32, concurrency: int | None = None, done: dict | None = None):  # fmt: skip
-    """Decoded rows (key, url, index, prompt, image[, source]) of one source; bad samples
-    dropped and counted by reason in `counter` (a SkipCounter), which also counts
-    `storage_retries`. `done`: see `raw_dataset`."""
+def source_dataset(uri: str, task: str, s3: S3Access, resolution: int, counter=None, batch_size: int = 32,
+                   concurrency: int | None = None, done: dict | None = None, preprocess: str = "squash", seed: int = 0):  # fmt: skip
+    """Decoded rows (key, url, index, prompt, image[, source]) of one source, framed by
+    `preprocess` (random crops seeded by `seed`); bad samples dropped and counted by reason
+    in `counter` (a SkipCounter), which also counts `storage_retries`. `done`: see `raw_dataset`."""
     from pipelines.decode import SampleDecoder
 
     return raw_dataset(uri, task, s3, counter, done).map_batches(
-        SampleDecoder(task, resolution, counter), batch_size=batch_size, batch_format="numpy", concurrency=concurrency
+        SampleDecoder(task, resolution, counter, preprocess, seed), batch_size=batch_size, batch_format="numpy",
+        concurrency=concurrency,
     )

@@ -4,11 +4,11 @@ from jobs.recipes import load_recipe, recipe_names
 from unilip.config import ConfigError, Recipe, S3Config, apply_overrides, from_dict, load_yaml
 from tests.conftest import run_cli
 
-PAPER = {  # steps, global batch, lr, resolution (UNILIP_FACTS.md)
+PAPER = {  # steps, global batch, lr, training image size (UNILIP_FACTS.md; gen stage 1: DC-AE's 512 px)
     "recon-stage1": (300_000, 64, 1e-4, 224),
     "recon-stage2": (400_000, 64, 1e-4, 224),
     "recon-stage2-448": (100_000, 64, 1e-4, 448),
-    "gen-stage1": (50_000, 512, 1e-4, 448),
+    "gen-stage1": (50_000, 512, 1e-4, 512),
     "gen-stage2": (200_000, 512, 1e-4, 448),
     "gen-stage3": (30_000, 512, 1e-4, 448),
 }
@@ -20,24 +20,36 @@ def test_all_six_recipes_load_with_the_paper_values():
         r = load_recipe(name)
         assert isinstance(r, Recipe) and r.name == name
         assert (r.train.steps, r.train.global_batch, r.train.lr, r.data.resolution) == (steps, batch, lr, res)
-        assert r.train.min_lr == 1e-5
-    assert load_recipe("recon-stage2").train.gan_start_step == 200_000
-    assert load_recipe("recon-stage2-448").train.gan_start_step == 0
+        assert r.train.min_lr == 1e-5 and r.train.precision == "bf16"
+        assert r.data.preprocess == ("random_crop" if r.kind == "reconstruction" else "squash")
+        # the tiny variants train in the shipped precision too
+        assert load_recipe(name, variant="tiny").train.precision == "bf16"
+    assert load_recipe("recon-stage2").loss.gan_start_step == 200_000
+    assert load_recipe("recon-stage2-448").loss.gan_start_step == 0
+    assert load_recipe("recon-stage1").loss.gan == 0.0
+    for name in ("recon-stage1", "recon-stage2", "recon-stage2-448"):  # the release's losses and mix
+        loss = load_recipe(name).loss
+        assert (loss.mse, loss.lpips, loss.lpips_net, loss.convnext) == (1.0, 1.0, "vgg", 0.1)
+        assert (loss.gan_loss, loss.lecam, loss.discriminator_width) == ("hinge", 0.001, 128)
+        assert [s.proportion for s in load_recipe(name).data.sources] == [0.6, 0.2, 0.2]
+    assert load_recipe("recon-stage2").loss.distill == 1.0 and load_recipe("recon-stage2").loss.gan == 0.1
     assert load_recipe("recon-stage2").train.lr_scales["encoder"] == 0.1
     edit = {s.name: s.multiplier for s in load_recipe("gen-stage2").data.sources}
     assert edit["gpt-image-edit"] == 10.0
-    assert {s.name: s.multiplier for s in load_recipe("gen-stage3").data.sources}["sharegpt-4o-image"] == 3.0
+    stage3 = {s.name: (s.task, s.multiplier) for s in load_recipe("gen-stage3").data.sources}
+    assert stage3 == {"blip3o-60k": ("generation", 1.0), "sharegpt-4o-t2i": ("generation", 1.0),
+                      "sharegpt-4o-image": ("editing", 3.0)}  # fmt: skip
     assert "dit" not in load_recipe("gen-stage1").train.trainable
     assert "dit" in load_recipe("gen-stage2").train.trainable
 
 
 def test_overrides_are_typed():
     r = load_recipe("gen-stage2", ["train.lr=2e-4", "train.steps=10", "model.condition=queries",
-                                   "data.sources.3.multiplier=5", "train.gan_start_step=null", "data.batch_mode=mixed"])
+                                   "data.sources.3.multiplier=5", "loss.gan_start_step=null", "data.batch_mode=mixed"])
     assert r.train.lr == 2e-4 and isinstance(r.train.lr, float)
     assert r.train.steps == 10 and r.model.condition == "queries"
     assert r.data.sources[3].multiplier == 5.0 and r.data.batch_mode == "mixed"
-    assert r.train.gan_start_step is None
+    assert r.loss.gan_start_step is None
     r2 = apply_overrides(r, ["train.lr_scales.dit=0.5", "train.trainable=[dit]"])
     assert r2.train.lr_scales == {"dit": 0.5} and r2.train.trainable == ["dit"]
     assert r.train.trainable != r2.train.trainable  # the original is untouched

@@ -40,7 +40,7 @@ def test_gpt_image_edit_layout(tmp_path, ray_session):
     assert manifests["editing"].samples == 7 and len(manifests["editing"].shards) == 3
     assert "not_single_turn" in logs[-1] and "missing_image" in logs[-1]
     rows = source_dataset(str(out), "editing", s3, 56).take_all()
-    assert len(rows) == 7 and all(r["prompt"].startswith("Make it green") for r in rows)
+    assert len(rows) == 7 and all(r["prompt"].startswith("Edit the image: Make it green") for r in rows)
     first = next(r for r in rows if r["key"] == "hqedit-3")  # input red-ish, output green-ish
     assert first["source"][0, 0, 0] == pytest.approx(90, abs=3) and first["image"][0, 0, 1] == pytest.approx(90, abs=3)
     # resumable: remove one finished shard; a rerun writes only that one again
@@ -91,3 +91,49 @@ def _jpeg():
     buf = io.BytesIO()
     Image.new("RGB", (64, 64)).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def _gpt_image_edit_fixture(src, n=3):
+    items = []
+    for i in range(n):
+        _png(src / "imgs" / f"in{i}.png", (i * 30, 10, 10))
+        _png(src / "imgs" / f"out{i}.png", (10, i * 30, 10))
+        items.append({"image": [f"imgs/in{i}.png", f"imgs/out{i}.png"], "conversations": [{"value": f"<image>\nMake it green {i}."}]})
+    (src / "hqedit.json").write_text(json.dumps(items))
+
+
+def _sharegpt_fixture(src, n=3):
+    t2i, ti2i = [], []
+    for i in range(n):
+        _png(src / "out" / f"g{i}.png", (200, 20 * i, 0))
+        _png(src / "in" / f"e{i}.png", (0, 0, 200))
+        t2i.append({"input_prompt": f"A red square number {i}", "output_image": f"out/g{i}.png"})
+        ti2i.append({"input_prompt": f"Turn it red {i}", "input_image": [f"in/e{i}.png"], "output_image": f"out/g{i}.png"})
+    (src / "text_to_image.json").write_text(json.dumps(t2i))
+    (src / "text_and_image_to_image.json").write_text(json.dumps(ti2i))
+
+
+def test_every_recipe_plans_against_what_the_converters_write(tmp_path, stack, s3, ray_session):
+    """The published layouts converted into the bucket the full recipes name; then every
+    recipe's sources and eval set are planned from the manifests the converters wrote."""
+    from jobs.recipes import load_recipe, recipe_names
+    from pipelines.ingest import plan_sources
+    from pipelines.shards import read_manifest
+
+    s3.ensure_bucket("unilip-data")
+    data = "s3://unilip-data"
+    build_sample_dataset(str(tmp_path / "tars"), s3, 4, 0, shard_size=4, size=64, log=lambda m: None)
+    for out in ("blip3o/pretrain-long", "blip3o/pretrain-short", "blip3o/journeydb", "blip3o/sft-60k", "imagenet/val"):
+        convert("wds", str(tmp_path / "tars" / "generation"), join(data, out), s3, log=lambda m: None)
+    _gpt_image_edit_fixture(tmp_path / "gpt-image-edit")
+    convert("gpt-image-edit", str(tmp_path / "gpt-image-edit"), join(data, "gpt-image-edit-1.5m"), s3, log=lambda m: None)
+    _sharegpt_fixture(tmp_path / "sharegpt")
+    convert("sharegpt-4o", str(tmp_path / "sharegpt"), join(data, "sharegpt-4o-image"), s3, log=lambda m: None)
+    for name in recipe_names():
+        recipe = load_recipe(name)
+        plan = plan_sources(recipe.data, s3)  # reads every manifest and checks its task
+        assert set(plan) == {s.name for s in recipe.data.sources} and all(p.samples > 0 for p in plan.values()), name
+        assert read_manifest(recipe.data.eval_uri, s3).task == "generation", name
+    stage3 = plan_sources(load_recipe("gen-stage3").data, s3)
+    assert {n: p.task for n, p in stage3.items()} == {"blip3o-60k": "generation", "sharegpt-4o-t2i": "generation",
+                                                      "sharegpt-4o-image": "editing"}  # fmt: skip

@@ -2,6 +2,7 @@
 
 import io
 import json
+import socket
 import tarfile
 import threading
 import time
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.decode import decode_image, resize_crop, skip_counter
+from pipelines.decode import frame, sample_rng, skip_counter
 from pipelines.ingest import build_sources, worker_mixer
-from pipelines.mix import MixSource, TaskMixer, collate
+from pipelines.mix import MixSource, StepPlan, TaskMixer, collate, effective_weights
+from pipelines.position import Intervals
 from pipelines.read import source_dataset
 from pipelines.sample_data import build_sample_dataset, generation_sample, editing_sample
 from pipelines.shards import Manifest, ShardInfo, ShardWriter, join
@@ -43,6 +45,7 @@ def test_bad_samples_are_skipped_counted_and_good_ones_delivered_once(stack, s3,
         "bad_image": [{"jpg": b"this is not a jpeg", "txt": b"a cat"}, {"jpg": _jpeg((256, 256))[:400], "txt": b"a cut"}],
         "missing_text": [{"jpg": _jpeg((128, 128))}],
         "empty_text": [{"jpg": _jpeg((128, 128)), "txt": b"  \n "}],
+        "caption_too_long": [{"jpg": _jpeg((128, 128)), "txt": b"a very long caption " * 51}],  # 1,020 characters
         "bad_text": [{"jpg": _jpeg((128, 128)), "txt": b"\xff\xfe caption \xfa"}],
         "image_too_small": [{"jpg": _jpeg((8, 8)), "txt": b"tiny"}],
         "image_too_large": [{"png": _huge_png(), "txt": b"a bomb"}],
@@ -101,7 +104,7 @@ def test_decoded_pixels_match_a_reference_decode(stack, s3, ray_session):
     for row in rows:
         i = int(row["key"][3:])
         with Image.open(io.BytesIO(generation_sample(0, i, 1024)["jpg"])) as im:
-            reference = np.asarray(resize_crop(im.convert("RGB"), 448), dtype=float)
+            reference = np.asarray(frame(im.convert("RGB"), 448, "squash"), dtype=float)
         assert row["image"].shape == (448, 448, 3) and row["image"].dtype == np.uint8
         assert np.abs(row["image"].astype(float) - reference).mean() < 4.0  # draft-mode decode vs full decode
     # and the normalisation for InternVL on the worker side
@@ -112,6 +115,49 @@ def test_decoded_pixels_match_a_reference_decode(stack, s3, ray_session):
     assert px.shape == (1, 3, 448, 448)
     expected = (image / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
     assert np.allclose(px[0].numpy(), expected.transpose(2, 0, 1), atol=1e-5)
+
+
+def test_reconstruction_crops_and_flips_are_seeded_per_sample_and_survive_a_resume(stack, s3, ray_session):
+    uri = f"s3://{stack.bucket}/augment"
+    build_sample_dataset(uri, s3, 12, 0, shard_size=6, size=320, log=lambda m: None)  # non-square crops of photos
+    gen = join(uri, "generation")
+
+    def rows(seed, done=None):
+        ds = source_dataset(gen, "generation", s3, 112, preprocess="random_crop", seed=seed, done=done)
+        return {r["key"]: (r["url"], r["index"], r["image"]) for r in ds.take_all()}
+
+    first = rows(seed=5)
+    assert len(first) == 12
+    # each image is the crop and flip of the original that (seed, url, index) draws
+    for key, (url, index, image) in first.items():
+        with Image.open(io.BytesIO(generation_sample(0, int(key[3:]), 320)["jpg"])) as im:
+            im.draft("RGB", (112, 112))
+            expected = np.asarray(frame(im.convert("RGB"), 112, "random_crop", sample_rng(5, url, index)))
+        assert np.array_equal(image, expected), key
+    # a resume reads the rest of the epoch with the same crops and flips
+    url0 = first["gen00000000"][0]
+    rest = rows(seed=5, done={url0: Intervals([(0, 4)])})
+    assert set(rest) == set(first) - {f"gen{i:08d}" for i in range(4)}
+    assert all(np.array_equal(rest[k][2], first[k][2]) for k in rest)
+    other = rows(seed=6)
+    assert sum(not np.array_equal(other[k][2], first[k][2]) for k in first) >= 6  # another seed, other crops
+
+
+def test_framing_squash_center_and_random_crop():
+    im = Image.new("RGB", (300, 100))
+    im.paste((255, 0, 0), (0, 0, 100, 100))  # red left third, black elsewhere
+    squash = np.asarray(frame(im, 56, "squash"))
+    assert squash.shape == (56, 56, 3) and squash[:, :16, 0].mean() > 200 and squash[:, 24:, 0].mean() < 20
+    center = np.asarray(frame(im, 56, "center_crop"))
+    assert center[..., 0].mean() < 5  # the middle square is black
+    lefts = [np.asarray(frame(im, 56, "random_crop", np.random.default_rng(i)))[..., 0].mean() for i in range(40)]
+    assert min(lefts) < 5 and max(lefts) > 200  # crops range over the whole width
+    half = Image.new("RGB", (100, 100))
+    half.paste((255, 0, 0), (0, 0, 50, 100))  # square: only the flip varies
+    flipped = [np.asarray(frame(half, 56, "random_crop", np.random.default_rng(i)))[:, :28, 0].mean() < 100 for i in range(40)]
+    assert 5 < sum(flipped) < 35  # about half the draws flip
+    with pytest.raises(ValueError, match="preprocess must be one of"):
+        frame(im, 56, "stretch")
 
 
 def _fake_source(name, task, size, weight):
@@ -131,11 +177,11 @@ def _fake_source(name, task, size, weight):
         ({"sft-60k": 60_000, "sharegpt": 46_000}, {"sharegpt": 3.0}),  # stage 3
     ],
 )
-@pytest.mark.parametrize("mode", ["single_task", "mixed"])
+@pytest.mark.parametrize("mode", ["single_task", "lockstep", "mixed"])
 def test_realised_task_ratio_and_determinism(sizes, multipliers, mode):
     edit_names = {"edit", "sharegpt"}
     cfgs = [SourceConfig(n, f"s3://b/{n}", "editing" if n in edit_names else "generation", multipliers.get(n, 1.0)) for n in sizes]
-    weights = {c.name: c.multiplier * sizes[c.name] for c in cfgs}
+    weights = effective_weights(cfgs, sizes)
     target = sum(w for n, w in weights.items() if n in edit_names) / sum(weights.values())
 
     def run(seed):
@@ -148,15 +194,62 @@ def test_realised_task_ratio_and_determinism(sizes, multipliers, mode):
     tasks = [t for b in batches for t in b["task"]]
     assert len(tasks) == 10_000
     assert abs(tasks.count("editing") / len(tasks) - target) < 0.02, (tasks.count("editing") / len(tasks), target)
-    if mode == "single_task":
+    if mode != "mixed":
         assert all(len(set(b["task"])) == 1 for b in batches)
-    assert all(e > 0 for e in mixer.state()["epochs"].values())  # every source cycled
+    assert all(c.epoch > 0 for c in mixer.cursors.values())  # every source cycled
     again = [k for b in run(7)[1] for k in b["key"]]
     assert again == [k for b in batches for k in b["key"]]  # same seed -> same order
     assert again != [k for b in run(8)[1] for k in b["key"]]
 
 
-def test_workers_mix_their_splits_in_lockstep(stack, s3, ray_session):
+@pytest.mark.parametrize("accumulation, micro", [(1, 32), (2, 16)])
+def test_every_global_step_mixes_the_tasks_at_the_target_ratio(accumulation, micro):
+    # 16 workers, generation : editing = 2 : 1 (proportions), the release's batching: each
+    # worker's micro batch is one task, ranks draw different tasks
+    world = 16
+    sources = [MixSource(n, t, w, None) for n, t, w in (("long", "generation", 0.4), ("short", "generation", 0.2667),
+                                                         ("edit", "editing", 0.3333))]  # fmt: skip
+    plan = StepPlan(sources, micro, world, accumulation, "single_task", seed=0)
+    slots = world * accumulation
+    share = {"generation": 0.6667, "editing": 0.3333}
+    rows = np.zeros((world, len(sources)), dtype=int)
+    served = Counter()
+    for _ in range(1000):
+        step = plan.next_step()
+        count = Counter()
+        for micro_step in step:
+            assert len(micro_step) == world
+            for rank, slot in enumerate(micro_step):
+                tasks = {plan.task_of[n] for n in slot}
+                assert len(tasks) == 1 and sum(slot.values()) == micro  # single-task micro batches
+                count[tasks.pop()] += 1
+                for j, s in enumerate(sources):
+                    rows[rank, j] += slot.get(s.name, 0)
+        for task, target in share.items():
+            assert abs(count[task] - target * slots) <= 1, (count, task)  # within one micro batch, every step
+        served += count
+        # every worker is within one step's rows of every other in each source: what the
+        # read-ahead covers (pipelines.ingest), so the splits' epoch barriers cannot deadlock
+        assert (rows.max(axis=0) - rows.min(axis=0)).max() <= accumulation * micro + 2
+    assert abs(served["editing"] / sum(served.values()) - 0.3333) < 0.02
+    assert {plan.task_of[next(iter(slot))] for slot in step[0]} == set(share)  # one global step holds both tasks
+    # the same seed gives every worker the same plan
+    again = StepPlan(sources, micro, world, accumulation, "single_task", seed=0)
+    again.load_state(json.loads(json.dumps(plan.state())))
+    assert again.next_step() == plan.next_step()
+
+
+def test_proportions_and_multipliers_do_not_mix():
+    cfgs = [SourceConfig("a", "s3://b/a", proportion=0.6), SourceConfig("b", "s3://b/b", proportion=0.4)]
+    assert effective_weights(cfgs, {"a": 10, "b": 1000}) == {"a": 0.6, "b": 0.4}  # size does not matter
+    with pytest.raises(ValueError, match="give every source a proportion, or none: c has none"):
+        effective_weights([*cfgs, SourceConfig("c", "s3://b/c")], {"a": 1, "b": 1, "c": 1})
+
+
+def test_two_workers_mixing_tasks_cross_many_epochs_without_deadlock(stack, s3, ray_session):
+    """Ranks draw different tasks each step and a gloo all-reduce follows every step, as in
+    training; the 12-sample edit source turns over its epoch (a barrier over both splits)
+    again and again. Nothing hangs, and every epoch of every source is seen exactly once."""
     uri = f"s3://{stack.bucket}/ingest"
     build_sample_dataset(uri, s3, 40, 12, shard_size=4, size=96, log=lambda m: None)
     cfg = DataConfig(resolution=56, sources=[
@@ -166,20 +259,39 @@ def test_workers_mix_their_splits_in_lockstep(stack, s3, ray_session):
     sources = build_sources(cfg, s3)
     assert sources.ratios()["editing"] == pytest.approx(36 / 76)
     splits = {name: ds.streaming_split(2, equal=True) for name, ds in sources.datasets.items()}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
 
     @ray_session.remote(num_cpus=0)
-    def consume(rank):
-        mixer = worker_mixer(sources.plan, {n: s[rank] for n, s in splits.items()}, batch_size=4, mode="single_task", seed=3, read_batch_size=4)
-        seen = [(list(b["task"]), list(b["key"])) for b in (mixer.next_batch() for _ in range(12))]
+    def train_like(rank, steps=30):
+        import torch
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        mixer = worker_mixer(sources.plan, {n: s[rank] for n, s in splits.items()}, batch_size=2, mode="single_task",
+                             seed=3, rank=rank, world=2)  # fmt: skip
+        seen = []
+        for _ in range(steps):
+            b = mixer.next_batch()
+            seen.append((b["task"][0], list(zip(b["origin"], b["epoch"].tolist(), b["key"]))))
+            dist.all_reduce(torch.ones(1))  # the step's collective
+        dist.destroy_process_group()
         return seen, mixer.state()
 
-    (a, state_a), (b, state_b) = ray_session.get([consume.remote(0), consume.remote(1)], timeout=300)
-    assert [t for t, _ in a] == [t for t, _ in b]  # the same task sequence on both workers
-    assert state_a == state_b and state_a["epochs"]["edit"] >= 1  # the 12-sample edit source cycled
-    keys_a = {k for _, ks in a for k in ks}
-    keys_b = {k for _, ks in b for k in ks}
-    assert keys_a.isdisjoint(keys_b) or state_a["epochs"]["gen"] > 0  # splits are disjoint within an epoch
-    assert sum(len(ks) for _, ks in a) == 48
+    (a, state_a), (b, state_b) = ray_session.get([train_like.remote(0), train_like.remote(1)], timeout=300)
+    assert state_a == state_b  # one plan
+    assert any(ta != tb for (ta, _), (tb, _) in zip(a, b))  # a global step holds both tasks
+    rows = [row for seen in (a, b) for _, part in seen for row in part]
+    by_epoch = {}
+    for origin, epoch, key in rows:
+        by_epoch.setdefault((origin, epoch), []).append(key)
+    assert max(e for o, e in by_epoch if o == "edit") >= 3  # at least 3 epochs of the edit source
+    for (origin, epoch), keys in by_epoch.items():
+        assert len(keys) == len(set(keys)), (origin, epoch)  # no sample twice within an epoch
+    finished = [(o, e) for o, e in by_epoch if (o, e + 1) in by_epoch]
+    for origin, epoch in finished:  # a finished epoch covered its source (equal splits: 20 + 20, 6 + 6)
+        assert len(by_epoch[origin, epoch]) == {"gen": 40, "edit": 12}[origin], (origin, epoch)
 
 
 def test_storage_outage_mid_stream_loses_nothing(stack, s3, ray_session):

@@ -1,5 +1,6 @@
 """The model library on the tiny preset: shapes, freezing per stage, CFG, learning, checkpoints."""
 
+import dataclasses
 import random
 
 import numpy as np
@@ -9,10 +10,10 @@ from PIL import Image
 
 from jobs.recipes import load_recipe
 from pipelines.sample_data import decode, generation_sample
-from unilip.config import ModelConfig
-from unilip.generator import IMAGE_PLACEHOLDER, NULL_EDIT_PROMPT, NULL_GENERATION_PROMPT
+from unilip.config import LossConfig, ModelConfig
 from unilip.model import UniLIP
 from unilip.presets import build_parts
+from unilip.prompts import IMAGE, NULL_EDIT, NULL_GENERATION, edit_prompt, generation_prompt
 
 
 @pytest.fixture(scope="module")
@@ -42,35 +43,48 @@ def test_feature_latent_and_image_shapes(model):
 
 EXPECTED_GRADS = {
     "recon-stage1": {"down_proj", "pixel_decoder"},
-    "recon-stage2": {"encoder", "down_proj", "pixel_decoder", "discriminator"},
-    "recon-stage2-448": {"encoder", "down_proj", "pixel_decoder", "discriminator"},
+    "recon-stage2": {"encoder", "down_proj", "pixel_decoder"},
+    "recon-stage2-448": {"encoder", "down_proj", "pixel_decoder"},
     "gen-stage1": {"queries", "connector", "caption_projector"},
     "gen-stage2": {"queries", "connector", "caption_projector", "dit"},
     "gen-stage3": {"queries", "connector", "caption_projector", "dit"},
 }
 
 
-def _frozen_state(model):
-    parts = {"llm": model.mllm.model.language_model, "teacher": model.teacher, "dcae_encoder": model.pixel_decoder.dcae.encoder}
+def _frozen_state(model, teacher):
+    parts = {"llm": model.mllm.model.language_model, "teacher": teacher, "dcae_encoder": model.pixel_decoder.dcae.encoder}
     return {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in parts.items()}
 
 
+def tiny_loss(recipe) -> LossConfig:
+    """A recipe's loss with the tiny variant's networks (random AlexNet LPIPS, small discriminator)."""
+    import dataclasses
+
+    return dataclasses.replace(recipe.loss, lpips_net="alex", lpips_weights=None, convnext=0.0, discriminator_width=32)
+
+
 @pytest.mark.parametrize("recipe_name", sorted(EXPECTED_GRADS))
-def test_freezing_per_stage_is_the_papers(model, photos, recipe_name):
+def test_freezing_per_stage_is_the_papers(photos, recipe_name):
     recipe = load_recipe(recipe_name)
+    torch.manual_seed(0)
+    model = UniLIP.from_preset("tiny", ModelConfig(preset="tiny", num_queries=16), teacher=True)
+    teacher = model.teacher
     model.set_trainable(recipe.train.trainable)
     model.latent_space = recipe.model.latent_space
-    model.zero_grad(set_to_none=True)
-    before = _frozen_state(model)
+    before = _frozen_state(model, teacher)
     if recipe.kind == "reconstruction":
-        loss_fn = model.reconstruction_loss_fn(recipe.train.loss_weights, recipe.train.gan_start_step)
+        loss_fn = model.reconstruction_loss(tiny_loss(recipe))
+        assert model.teacher is None and (loss_fn.teacher is teacher) == bool(recipe.loss.distill)
         pixels = model.preprocess(photos[:2], 224)
         terms = model.reconstruction_terms(pixels, loss_fn, step=10**6)  # past the GAN start
-        assert ("gan" in terms) == ("discriminator" in recipe.train.trainable)
+        assert ("gan" in terms) == (recipe.loss.gan > 0) and ("distill" in terms) == (recipe.loss.distill > 0)
         loss = terms["loss"]
     else:
-        pixels = model.preprocess(photos[:2], 448)
-        loss = model.generation_loss(["a cat", "a dog"], pixels) + model.generation_loss(["Make it brighter."] * 2, pixels, pixels)
+        size = 512 if recipe.model.latent_space == "dcae" else 448
+        pixels = model.preprocess(photos[:2], size)
+        edits = [edit_prompt("Make it brighter.")] * 2
+        loss = model.generation_loss([generation_prompt("a cat"), generation_prompt("a dog")], pixels)
+        loss = loss + model.generation_loss(edits, pixels, model.preprocess(photos[:2], 448))
     loss.backward()
     with_grad = {
         name for name, part in model.components().items()
@@ -78,17 +92,16 @@ def test_freezing_per_stage_is_the_papers(model, photos, recipe_name):
     }  # fmt: skip
     assert with_grad == EXPECTED_GRADS[recipe_name]
     assert all(p.grad is None for p in model.mllm.model.language_model.parameters())
-    assert all(p.grad is None for p in model.teacher.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
     groups = model.param_groups(recipe.train.lr_scales)
-    assert {g["name"] for g in groups} == EXPECTED_GRADS[recipe_name] - {"discriminator"}
+    assert {g["name"] for g in groups} == EXPECTED_GRADS[recipe_name]
     if recipe_name == "recon-stage2":
         assert next(g for g in groups if g["name"] == "encoder")["lr_scale"] == 0.1
     # an optimizer step changes trained parts only: the LLM, the teacher, the DC-AE encoder never change
     torch.optim.SGD([p for g in groups for p in g["params"]], lr=0.1).step()
-    after = _frozen_state(model)
+    after = _frozen_state(model, teacher)
     for name in before:
         assert all(torch.equal(before[name][k], after[name][k]) for k in before[name]), name
-    model.zero_grad(set_to_none=True)
 
 
 def test_connector_is_bidirectional_and_honours_padding(model):
@@ -107,17 +120,17 @@ def test_connector_is_bidirectional_and_honours_padding(model):
 
 def test_cfg_drop_rate_and_edits_keep_the_image(model):
     rng = random.Random(0)
-    prompts = [f"prompt {i}" for i in range(10_000)]
+    prompts = [generation_prompt(f"prompt {i}") for i in range(10_000)]
     dropped = model.drop_prompts(prompts, editing=False, rng=rng)
-    rate = sum(p == NULL_GENERATION_PROMPT for p in dropped) / len(prompts)
+    rate = sum(p == NULL_GENERATION for p in dropped) / len(prompts)
     assert abs(rate - 0.1) < 0.01
     edits = model.drop_prompts(prompts, editing=True, rng=rng)
-    assert abs(sum(p == NULL_EDIT_PROMPT for p in edits) / len(prompts) - 0.1) < 0.01
-    assert IMAGE_PLACEHOLDER in NULL_EDIT_PROMPT
+    assert abs(sum(p == NULL_EDIT for p in edits) / len(prompts) - 0.1) < 0.01
+    assert IMAGE in NULL_EDIT
     # the null edit prompt still carries the reference image's 256 feature slots
     ref = model.encoder(torch.randn(1, 3, 448, 448))
-    with_image = model.generator.condition_states([NULL_EDIT_PROMPT], ref)
-    without = model.generator.condition_states([NULL_GENERATION_PROMPT])
+    with_image = model.generator.condition_states([NULL_EDIT], ref)
+    without = model.generator.condition_states([NULL_GENERATION])
     assert with_image.mask.sum() >= without.mask.sum() + 256
 
 
@@ -140,7 +153,7 @@ def test_reconstruction_learns(photos):
     torch.manual_seed(0)
     model = UniLIP.from_preset("tiny", ModelConfig(preset="tiny", num_queries=16))
     model.set_trainable(load_recipe("recon-stage1").train.trainable)
-    objective = model.reconstruction_loss_fn({"mse": 1.0, "lpips": 1.0}, None)
+    objective = model.reconstruction_loss(LossConfig(lpips_net="alex"))
     pixels = model.preprocess(photos, 224)  # 8 fixed images
     losses = _train_until_halved(model, lambda step: model.reconstruction_terms(pixels, objective, step)["loss"], 40)
     assert losses[-1] <= losses[0] / 2, losses
@@ -153,7 +166,7 @@ def test_flow_loss_learns(photos):
     x0 = model.target_latent(model.preprocess(photos[:4], 448))
 
     def flow(step):  # same t and noise every step: a fixed batch
-        cond = model.generator.condition_states(["a photo"] * 4)
+        cond = model.generator.condition_states([generation_prompt("a photo")] * 4)
         return model.generator.flow_loss(x0, cond, torch.Generator().manual_seed(0))
 
     losses = _train_until_halved(model, flow, 150)
@@ -204,6 +217,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path, photos):
     assert np.array_equal(_arrays(model.reconstruct(photos[:1]))[0], _arrays(loaded.reconstruct(photos[:1]))[0])
     files = {p.name for p in (tmp_path / "m").iterdir()}
     assert {"config.json", "encoder.safetensors", "dit.safetensors", "queries.safetensors"} <= files
+    assert "discriminator.safetensors" not in files  # training state of the loss, not part of the model
 
 
 def test_generator_loads_the_reconstruction_trained_encoder_explicitly(tmp_path):
@@ -233,8 +247,10 @@ def test_generator_loads_the_reconstruction_trained_encoder_explicitly(tmp_path)
     [
         (lambda m, im: m.generate([""]), "empty"),
         (lambda m, im: m.generate(["   "]), "empty"),
-        (lambda m, im: m.generate(["word " * 600]), "limit"),
+        (lambda m, im: m.generate(["word " * 1000]), "limit is 767"),
+        (lambda m, im: m.edit([im], ["word " * 600]), "with the chat template and the reference image; the limit is 767"),
         (lambda m, im: m.generate(["<img> sneaky"]), "reserved"),
+        (lambda m, im: m.edit([im], ["put <image> here"]), "reserved"),
         (lambda m, im: m.generate(["a cat"], steps=0), "num_inference_steps"),
         (lambda m, im: m.generate(["a cat"], guidance_scale=float("nan")), "guidance_scale"),
         (lambda m, im: m.generate(["a cat"], guidance_scale=100.0), "guidance_scale"),
@@ -262,8 +278,12 @@ def test_other_image_modes_are_converted(model):
 def test_presets_registry():
     with pytest.raises(ValueError, match="unknown model preset 'nope'.*tiny.*unilip-1b.*unilip-3b"):
         build_parts("nope")
-    with pytest.raises(ValueError, match="lpips_backbone"):
-        UniLIP(build_parts("tiny"), ModelConfig(preset="unilip-1b"), False).reconstruction_loss_fn({"lpips": 1.0}, None)
+    real = UniLIP(build_parts("tiny"), ModelConfig(preset="unilip-1b"), False)
+    real.sources = dataclasses.replace(real.sources, mllm="OpenGVLab/InternVL3-1B-hf")  # as a real preset has it
+    with pytest.raises(ValueError, match="loss.lpips_weights must name"):
+        real.reconstruction_loss(load_recipe("recon-stage1", ["loss.lpips_weights=null"]).loss)
+    with pytest.raises(ValueError, match="loss.convnext_weights must name"):
+        real.reconstruction_loss(load_recipe("recon-stage1", ["loss.convnext_weights=null"]).loss)
 
 
 def test_condition_modes(model):
@@ -271,7 +291,7 @@ def test_condition_modes(model):
     lengths = {}
     for mode in ("hidden", "queries", "both"):
         gen = UniLIP(parts, ModelConfig(preset="tiny", num_queries=16, condition=mode)).generator
-        cond = gen.condition_states(["a small red boat", "a cat"])
+        cond = gen.condition_states([generation_prompt("a small red boat"), generation_prompt("a cat")])
         lengths[mode] = cond.mask.sum(dim=1).tolist()
     assert lengths["queries"] == [16, 16]  # the query outputs only
     assert [b - h for b, h in zip(lengths["both"], lengths["hidden"])] == [17, 17]  # + <img> and 16 queries

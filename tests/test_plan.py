@@ -26,12 +26,15 @@ def test_dit_flops_by_hand():
 
 
 def test_counted_flops_of_a_real_class_on_meta_by_hand():
-    from unilip.losses import PatchDiscriminator
+    from unilip.losses import NLayerDiscriminator
 
-    disc = on_meta(PatchDiscriminator)
-    # 32 px: 3->64 (16x16 out), 64->128 (8x8), 128->256 (4x4), 256->1 (3x3), kernel 4x4
-    expected = 2 * 16 * (64 * 3 * 256 + 128 * 64 * 64 + 256 * 128 * 16 + 1 * 256 * 9)
-    assert counted_flops(disc, (1, 3, 32, 32)) == expected == 35_201_024
+    disc = on_meta(lambda: NLayerDiscriminator(32))
+    # 32 px, width 32: stem 5x5 3->32 at 32x32; three stages of 3x3 conv (32->32 at 32x32,
+    # 32->64 at 16x16, 64->128 at 8x8), each then a depthwise 4x4 blur with stride 2;
+    # max-pool to 16x16; head 1x1 128->128 and 5x5 128->1 at 16x16
+    convs = 1024 * 32 * 3 * 25 + 1024 * 32 * 32 * 9 + 256 * 64 * 32 * 9 + 64 * 128 * 64 * 9 + 256 * 128 * 128 + 256 * 128 * 25
+    blurs = 32 * 256 * 16 + 64 * 64 * 16 + 128 * 16 * 16
+    assert counted_flops(disc, (1, 3, 32, 32)) == 2 * (convs + blurs) == 53_149_696
 
 
 def test_llm_formula_matches_torch_counter_on_the_real_qwen2_class():

@@ -1,9 +1,11 @@
 """Training jobs on the embedded stack: Ray Train + DeepSpeed (gloo), moto S3, sqlite MLflow.
 
-Every recipe's tiny variant runs through `unilip train all` (ZeRO-2); one run, under ZeRO-3,
-loses a worker mid-run and resumes; one finished run is restarted with more steps."""
+Every recipe's tiny variant runs through `unilip train all` (ZeRO-2, bf16 as shipped); one
+run, under ZeRO-3, loses a worker mid-run and resumes; one finished run is restarted with
+more steps."""
 
 import json
+import math
 import re
 
 import mlflow
@@ -56,6 +58,7 @@ def test_train_all_runs_every_stage_and_exports_a_generating_model(stack, s3, tr
         assert checkpoints(s3, runs) == ["step-00000003", "step-00000006"], name
         run = mlflow_run(f"{name}-tiny")
         assert run.data.params["name"] == name and run.data.params["train.zero_stage"] == "2"
+        assert run.data.params["train.precision"] == "bf16"
         assert loss_steps(run) == [1, 2, 3, 4, 5, 6], name
         assert {"train/lr", "train/samples_per_s", "train/grad_norm"} <= set(run.data.metrics), name
         artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
@@ -70,6 +73,15 @@ def test_train_all_runs_every_stage_and_exports_a_generating_model(stack, s3, tr
         version = mlflow.MlflowClient().get_model_version(f"unilip-tiny-{name}", "1")
         assert version.tags["from"] == mlflow_run(f"{prev}-tiny").data.tags["unilip.registered"], name
     assert "eval step 6: psnr" in logs and "ssim" in logs
+    # recon-stage2-448: adversarial loss (hinge + LeCam) and self-distillation from step 0, every term finite
+    client = mlflow.MlflowClient()
+    run_id = mlflow_run("recon-stage2-448-tiny").info.run_id
+    for term in ("mse", "lpips", "distill", "gan", "critic", "lecam", "loss"):
+        history = client.get_metric_history(run_id, f"train/{term}")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(m.value) for m in history), term
+    # gen-stage2: global steps that hold both tasks (the workers' micro batches differ)
+    run_id = mlflow_run("gen-stage2-tiny").info.run_id
+    assert client.get_metric_history(run_id, "train/flow_generation") and client.get_metric_history(run_id, "train/flow_editing")
     # The exported directory is the model library's: it loads and generates.
     model = UniLIP.from_pretrained(export)
     (image,) = model.generate(["a red apple on a table"], seed=0, steps=2)
@@ -113,7 +125,7 @@ def test_worker_killed_mid_run_resumes_with_every_sample_once_under_zero3(stack,
     run = mlflow_run("kill")
     assert loss_steps(run) == list(range(1, 9))
     assert run.data.params["train.trainable"] == "['down_proj', 'pixel_decoder']"
-    assert run.data.params["train.zero_stage"] == "3"
+    assert run.data.params["train.zero_stage"] == "3" and run.data.params["train.precision"] == "bf16"
     assert {"eval/psnr", "eval/ssim", "eval/rfid"} <= set(run.data.metrics)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"model", "loss.png"} <= artifacts

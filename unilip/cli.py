@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("train-bench", help="time per optimizer step: `unilip train` (1 worker) vs a bare PyTorch loop")
-    p.add_argument("recipe", help="recipe name (a stage without the adversarial step, e.g. recon-stage1)")
+    p.add_argument("recipe", help="recipe name, e.g. recon-stage1")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per loop (default 40)")
     p.add_argument("--warmup", type=int, default=10, help="first steps left out of the figures (default 10)")

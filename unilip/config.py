@@ -46,10 +46,9 @@ class ModelConfig:
     cfg_drop_rate: float = 0.1  # training-time prompt drop to the null prompt
     guidance_scale: float = 4.5
     num_inference_steps: int = 20
-    solver: Literal["euler", "dpm"] = "euler"
-    shift: float = 3.0  # flow-matching timestep shift
+    solver: Literal["euler", "dpm"] = "dpm"  # the release samples with DPM-Solver++ (flow)
+    shift: float = 3.0  # flow-matching timestep shift (SANA 512 px)
     latent_space: Literal["unilip", "dcae"] = "unilip"  # diffusion space: dcae in gen stage 1 (DiT frozen)
-    lpips_backbone: str | None = None  # AlexNet weights file; None: random backbone (tiny preset only)
 
 
 @dataclass
@@ -58,13 +57,23 @@ class SourceConfig:
     uri: str  # s3://bucket/prefix or a local directory holding shards + manifest.json
     task: Literal["generation", "editing"] = "generation"
     multiplier: float = 1.0  # sampling weight = multiplier x source size
+    # Or a fixed share of all samples (the release's reconstruction mix: 0.6 / 0.2 / 0.2);
+    # a recipe gives every source a proportion, or none.
+    proportion: float | None = None
 
 
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
-    resolution: int = 448  # 224 or 448: the stage resolution
-    batch_mode: Literal["single_task", "mixed"] = "single_task"
+    resolution: int = 448  # training images: 224 or 448; 512 for gen stage 1's DC-AE targets
+    # random_crop: shorter side to `resolution`, a random crop and flip, seeded per sample
+    # (reconstruction); squash: the whole image resized to a square, as InternVL's
+    # processor does (generation and editing); center_crop: the evaluation framing.
+    preprocess: Literal["random_crop", "center_crop", "squash"] = "squash"
+    # single_task: each worker's micro batch is one task, a global step mixes the tasks at
+    # their ratio (the release's); lockstep: every worker the same task at each micro step
+    # (what ZeRO-3 needs when tasks run different modules); mixed: tasks within a batch.
+    batch_mode: Literal["single_task", "lockstep", "mixed"] = "single_task"
     shuffle_buffer: int = 1000
     seed: int = 0
     # Object-store bytes each source's pipeline keeps in flight (None: Ray Data's default
@@ -73,6 +82,26 @@ class DataConfig:
     eval_uri: str | None = None  # held-out generation source for reconstruction metrics
     eval_samples: int = 64
     fid_weights: str | None = None  # FID Inception weights (path or s3://): adds rFID to the eval
+
+
+@dataclass
+class LossConfig:
+    """The reconstruction objective (reconstruction stages), as the release computes it:
+    every term in fp32 on images in [0, 1], whatever the training precision."""
+
+    mse: float = 1.0
+    lpips: float = 1.0
+    lpips_net: Literal["vgg", "alex"] = "vgg"  # the release: VGG16 LPIPS
+    lpips_weights: str | None = None  # torchvision VGG16/AlexNet weights (path or s3://); None: random (tiny only)
+    convnext: float = 0.0  # the release: 0.1 x MSE of ConvNeXt-S logits
+    convnext_weights: str | None = None  # torchvision ConvNeXt-S weights (path or s3://)
+    distill: float = 0.0  # self-distillation against the frozen original encoder
+    gan: float = 0.0  # adversarial weight; on from `gan_start_step`
+    gan_start_step: int | None = None  # None: no adversarial loss
+    gan_loss: Literal["hinge", "bce"] = "hinge"  # hinge: the release; bce: the paper (App. A.4)
+    lecam: float = 0.001  # LeCam regularisation of the discriminator (0: off)
+    lecam_decay: float = 0.999
+    discriminator_width: int = 128  # NLayerDiscriminator channels (128-128-256-512)
 
 
 @dataclass
@@ -86,11 +115,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # the ceiling: the decay warms up as min((1 + n) / (10 + n), ema_decay)
     lr_scales: dict[str, float] = field(default_factory=dict)  # parameter group -> lr factor
     trainable: list[str] = field(default_factory=list)  # component names; the rest is frozen
-    loss_weights: dict[str, float] = field(default_factory=dict)
-    gan_start_step: int | None = None  # None: no adversarial loss
     precision: Literal["fp32", "bf16"] = "bf16"
     zero_stage: Literal[0, 1, 2, 3] = 2
     checkpoint_every: int = 1000
@@ -116,6 +143,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     s3: S3Config = field(default_factory=S3Config)
     # Named partial recipes merged over this one, e.g. `tiny`: CPU-sized steps and data.
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)

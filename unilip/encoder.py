@@ -58,7 +58,9 @@ class UniLIPEncoder(nn.Module):
         self.downsample_ratio = downsample_ratio
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """fp32 (or any) pixel values in, features in the encoder's dtype out."""
         check_images(pixel_values)
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
         feats = self.vision_tower(pixel_values=pixel_values).last_hidden_state[:, 1:]  # drop CLS
         b, n, c = feats.shape
         side = int(n**0.5)

@@ -19,11 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unilip.prompts import IMAGE, MAX_PROMPT_TOKENS
 from unilip.tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
-
-NULL_GENERATION_PROMPT = "Generate an image."
-NULL_EDIT_PROMPT = "Edit the image.\n<image>"
-IMAGE_PLACEHOLDER = "<image>"  # where the reference image goes in an edit instruction
 
 
 @dataclass
@@ -81,7 +78,7 @@ class DualConditionGenerator(nn.Module):
         self.mllm = [mllm]  # not a submodule: frozen, owned by the UniLIP model
         self.tokenizer = tokenizer
         self.condition = condition
-        self.queries = nn.Parameter(torch.randn(1, num_queries, width) * llm.config.initializer_range)
+        self.queries = nn.Parameter(torch.randn(1, num_queries, width))  # std 1, as the release initialises them
         self.connector = Connector(llm, connector_layers)
         self.caption_projector = nn.Linear(width, dit.config.caption_channels)
         self.dit = dit
@@ -89,26 +86,42 @@ class DualConditionGenerator(nn.Module):
 
     # ------------------------------------------------------------------ sequence
 
-    def _tokens(self, prompt: str, n_ref: int) -> tuple[list[int], list[int]]:
-        """Token ids of one chat turn (+ `<img>` + query slots), and the reference-image slots."""
+    def _tokens(self, prompt: str, n_ref: int, truncate: bool = False) -> tuple[list[int], list[int]]:
+        """Token ids of one chat turn (+ `<img>` + query slots), and the reference-image slots.
+
+        `prompt` is formatted (`unilip.prompts`); its `<image>` becomes the reference image.
+        Past MAX_PROMPT_TOKENS the text before the image is cut short (`truncate`, training)
+        or the prompt is refused (inference); the chat framing and the image stay whole."""
+        if prompt.count(IMAGE) != (1 if n_ref else 0):
+            raise ValueError(f"a prompt {'with' if n_ref else 'without'} a reference image needs "
+                             f"{'one' if n_ref else 'no'} {IMAGE} marker, got {prompt!r}")  # fmt: skip
+        text, _, after = prompt.partition(IMAGE)
+        image = f"{IMG_START}{IMG_CONTEXT * n_ref}{IMG_END}" if n_ref else ""
+        encode = lambda t: self.tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
+        chat = lambda t: encode(f"{IM_START}user\n{t}{image}{after}{IM_END}\n{IM_START}assistant\n")  # noqa: E731
+        ids = chat(text)
+        if len(ids) > MAX_PROMPT_TOKENS:
+            if not truncate:
+                raise ValueError(f"prompt is {len(ids)} tokens long with the chat template"
+                                 f"{' and the reference image' if n_ref else ''}; the limit is {MAX_PROMPT_TOKENS}")  # fmt: skip
+            text_ids = encode(text)
+            while len(ids) > MAX_PROMPT_TOKENS and text_ids:
+                text_ids = text_ids[: max(0, len(text_ids) - (len(ids) - MAX_PROMPT_TOKENS))]
+                ids = chat(self.tokenizer.decode(text_ids))
         ctx = self.ids[IMG_CONTEXT]
-        text = prompt
-        if n_ref:
-            image = f"{IMG_START}{IMG_CONTEXT * n_ref}{IMG_END}"
-            text = text.replace(IMAGE_PLACEHOLDER, image, 1) if IMAGE_PLACEHOLDER in text else f"{image}\n{text}"
-        ids = self.tokenizer.encode(f"{IM_START}user\n{text}{IM_END}\n{IM_START}assistant\n", add_special_tokens=False)
         ref_slots = [i for i, t in enumerate(ids) if t == ctx]
         if self.condition != "hidden":
             ids = ids + [self.ids[IMG_START]] + [ctx] * self.queries.shape[1]
         return ids, ref_slots
 
-    def condition_states(self, prompts: list[str], ref_features: torch.Tensor | None = None) -> Condition:
-        """Prompts (+ reference image features for edits) -> the DiT's condition."""
+    def condition_states(self, prompts: list[str], ref_features: torch.Tensor | None = None,
+                         truncate: bool = False) -> Condition:  # fmt: skip
+        """Formatted prompts (+ reference image features for edits) -> the DiT's condition."""
         mllm = self.mllm[0]
         llm = mllm.model.language_model
         embed = llm.get_input_embeddings()
         device = self.queries.device
-        seqs = [self._tokens(p, 0 if ref_features is None else ref_features.shape[1]) for p in prompts]
+        seqs = [self._tokens(p, 0 if ref_features is None else ref_features.shape[1], truncate) for p in prompts]
         length = max(len(ids) for ids, _ in seqs)
         nq = self.queries.shape[1] if self.condition != "hidden" else 0
         # Left padding keeps the query slots aligned at the end of every row.
@@ -140,15 +153,16 @@ class DualConditionGenerator(nn.Module):
     # ---------------------------------------------------------------- diffusion
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
-        """The DiT's prediction of eps - x0 at flow time t in [0, 1]."""
-        return self.dit(x_t, encoder_hidden_states=cond.states, timestep=t * 1000,
+        """The DiT's prediction of eps - x0 at flow time t in [0, 1], in the DiT's dtype."""
+        return self.dit(x_t.to(self.dit.dtype), encoder_hidden_states=cond.states, timestep=t * 1000,
                         encoder_attention_mask=cond.mask).sample  # fmt: skip
 
     def flow_loss(self, x0: torch.Tensor, cond: Condition, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Rectified-flow loss for target latents x0."""
+        """Rectified-flow loss for target latents x0; the interpolation and the MSE in fp32."""
+        x0 = x0.float()
         b = x0.shape[0]
         t = torch.sigmoid(torch.randn(b, device=x0.device, generator=generator))  # logit-normal(0, 1)
-        eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
-        tt = t.view(b, 1, 1, 1).to(x0.dtype)
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        tt = t.view(b, 1, 1, 1)
         x_t = (1 - tt) * x0 + tt * eps
-        return F.mse_loss(self.velocity(x_t, t, cond).float(), (eps - x0).float())
+        return F.mse_loss(self.velocity(x_t, t, cond).float(), eps - x0)

@@ -9,8 +9,8 @@
 
 Components (names used by recipes for `trainable`): encoder (InternViT + projector, the
 MLLM's own modules), down_proj, pixel_decoder (the DC-AE decoder), queries, connector,
-caption_projector, dit, discriminator. The LLM, the DC-AE encoder and the distillation
-teacher are always frozen.
+caption_projector, dit. The LLM, the DC-AE encoder and the distillation teacher are
+always frozen; the discriminator belongs to the reconstruction loss (`unilip.losses`).
 
 Checkpoint format: a directory with config.json (model config, the sources of the frozen
 parts, the latent space, which parts were trained), one safetensors file per saved
@@ -32,20 +32,23 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from unilip.config import ModelConfig, from_dict
+from unilip.config import LossConfig, ModelConfig, from_dict
 from unilip.encoder import PATCH_MULTIPLE, UniLIPEncoder, denormalize, pixel_values_from_uint8
-from unilip.generator import NULL_EDIT_PROMPT, NULL_GENERATION_PROMPT, Condition, DualConditionGenerator
-from unilip.losses import PatchDiscriminator, ReconstructionLoss, ReconstructionWeights
+from unilip.generator import Condition, DualConditionGenerator
+from unilip.losses import ReconstructionLoss
+from unilip.numerics import resize_images
 from unilip.pixel_decoder import PixelDecoder
 from unilip.presets import Parts, Sources, build_parts, pretrained_parts
+from unilip.prompts import IMAGE, NULL_EDIT, NULL_GENERATION, edit_prompt, generation_prompt
 from unilip.sampler import check_sampling_args, sample
 from unilip.tokenizer import SPECIAL_TOKENS
 
-FORMAT_VERSION = 1
-OWN_PARTS = ("down_proj", "queries", "connector", "caption_projector", "discriminator")
+# v2: the release's prompt templates (v1 models were trained on bare captions)
+FORMAT_VERSION = 2
+OWN_PARTS = ("down_proj", "queries", "connector", "caption_projector")
 PRETRAINED = ("encoder", "pixel_decoder", "dit")
 MIN_IMAGE_SIDE = 16
-MAX_PROMPT_TOKENS = 512
+DCAE_SIZE = 512  # DC-AE's space: 512 px <-> a 16x16 latent
 OUTPUT_SIZE = 448  # generated and edited images (decoded at 512, resized)
 LATENT_SIDE = OUTPUT_SIZE // PATCH_MULTIPLE  # 16: 256 UniLIP tokens, or 512 px / DC-AE's 32
 
@@ -65,7 +68,6 @@ class UniLIP(nn.Module):
         self.pixel_decoder = PixelDecoder(width, parts.dcae)
         self.generator = DualConditionGenerator(parts.mllm, parts.tokenizer, parts.dit, cfg.num_queries,
                                                 cfg.connector_layers, cfg.condition)  # fmt: skip
-        self.discriminator = PatchDiscriminator()
         self.latent_space = cfg.latent_space
         self.trained_parts: set[str] = set()
         self.set_trainable([])
@@ -87,7 +89,6 @@ class UniLIP(nn.Module):
             "connector": g.connector,
             "caption_projector": g.caption_projector,
             "dit": g.dit,
-            "discriminator": self.discriminator,
         }
 
     def set_trainable(self, names: list[str]) -> None:
@@ -102,106 +103,103 @@ class UniLIP(nn.Module):
         self.trained_parts |= set(names)
 
     def param_groups(self, lr_scales: dict[str, float] | None = None) -> list[dict]:
-        """Trainable parameters by component (the discriminator has its own optimizer)."""
+        """Trainable parameters by component (with their names, for weight-decay rules)."""
         lr_scales = lr_scales or {}
         groups = []
         for name, part in self.components().items():
-            params = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
-            params = [p for p in params if p.requires_grad]
-            if params and name != "discriminator":
-                groups.append({"name": name, "params": params, "lr_scale": lr_scales.get(name, 1.0)})
+            named = [(name, part)] if isinstance(part, nn.Parameter) else list(part.named_parameters())
+            named = [(n, p) for n, p in named if p.requires_grad]
+            if named:
+                groups.append({"name": name, "params": [p for _, p in named], "named": named, "lr_scale": lr_scales.get(name, 1.0)})
         return groups
 
     # ---------------------------------------------------------------- training
 
-    def reconstruction_loss_fn(self, weights: dict[str, float], gan_start_step: int | None) -> ReconstructionLoss:
-        backbone = self.cfg.lpips_backbone
-        if backbone is None:
-            if self.cfg.preset != "tiny":
-                raise ValueError("model.lpips_backbone must name the AlexNet weights file for LPIPS on real presets")
-            backbone = "random"  # the tiny preset trains with a random LPIPS backbone
-        return ReconstructionLoss(ReconstructionWeights(**weights), backbone, gan_start_step)
+    def reconstruction_loss(self, cfg: LossConfig) -> ReconstructionLoss:
+        """The reconstruction objective (fp32). It takes over the distillation teacher, so
+        that what trains (this model) and the frozen loss networks stay apart."""
+        if self.sources.mllm != "tiny":
+            for weight, path, key in ((cfg.lpips, cfg.lpips_weights, "lpips_weights"), (cfg.convnext, cfg.convnext_weights, "convnext_weights")):
+                if weight and path is None:
+                    raise ValueError(f"loss.{key} must name the pretrained backbone weights file: "
+                                     f"a real model does not train against random perceptual weights")  # fmt: skip
+        teacher, self.teacher = self.teacher, None
+        return ReconstructionLoss(cfg, teacher)
 
     def reconstruct_tensors(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """InternVL pixel values -> (reconstruction in [-1, 1], UniLIP features)."""
+        """InternVL pixel values -> (reconstruction in [-1, 1], fp32; UniLIP features)."""
         feats = self.encoder(pixel_values)
         return self.pixel_decoder.decode(self.pixel_decoder.encode(feats), pixel_values.shape[-1]), feats
 
-    def reconstruction_terms(self, pixel_values: torch.Tensor, loss_fn: ReconstructionLoss, step: int,
-                             discriminator: nn.Module | None = None) -> dict:  # fmt: skip
-        """Loss terms of one batch. `discriminator`: one trained outside this module (default: ours)."""
+    def reconstruction_terms(self, pixel_values: torch.Tensor, loss: ReconstructionLoss, step: int) -> dict:
+        """Loss terms of one batch (fp32 pixel values in), with the reconstruction under "recon"."""
         recon, feats = self.reconstruct_tensors(pixel_values)
-        target = denormalize(pixel_values) * 2 - 1
-        teacher_feats = None
-        if self.teacher is not None and loss_fn.weights.distill:
-            with torch.no_grad():
-                teacher_feats = self.teacher(pixel_values)
-        critic = discriminator if discriminator is not None else self.discriminator
-        terms = loss_fn.generator_terms(recon, target, feats, teacher_feats, critic, step)
+        terms = loss.generator_terms(recon, pixel_values, feats, step)
         terms["recon"] = recon
         return terms
 
     @torch.no_grad()
     def target_latent(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The diffusion target for images: DC-AE latent (gen stage 1) or UniLIP latent x factor."""
+        """The diffusion target: the DC-AE latent of a 512 px image (gen stage 1), or the
+        UniLIP latent x unilip_factor."""
         if self.latent_space == "dcae":
-            images = F.interpolate(denormalize(pixel_values) * 2 - 1, size=(512, 512), mode="bicubic", antialias=True)
+            if pixel_values.shape[-1] != DCAE_SIZE:
+                raise ValueError(f"DC-AE targets come from {DCAE_SIZE} px images (data.resolution), got {pixel_values.shape[-1]}")
             dcae = self.pixel_decoder.dcae
+            images = (denormalize(pixel_values.float()) * 2 - 1).to(dcae.dtype)
             return dcae.encode(images).latent * dcae.config.scaling_factor
         return self.pixel_decoder.encode(self.encoder(pixel_values)) * self.sources.unilip_factor
 
     def decode_latent(self, latent: torch.Tensor, size: int) -> torch.Tensor:
         if self.latent_space == "dcae":
             dcae = self.pixel_decoder.dcae
-            images = dcae.decode(latent / dcae.config.scaling_factor).sample
-            return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True)
+            return resize_images(dcae.decode((latent / dcae.config.scaling_factor).to(dcae.dtype)).sample, size)
         return self.pixel_decoder.decode(latent / self.sources.unilip_factor, size)
 
     def drop_prompts(self, prompts: list[str], editing: bool, rng: random.Random) -> list[str]:
         """Classifier-free guidance training: replace a `cfg_drop_rate` share by the null prompt.
 
         This is the one place the drop happens. Edits keep their reference image."""
-        null = NULL_EDIT_PROMPT if editing else NULL_GENERATION_PROMPT
+        null = NULL_EDIT if editing else NULL_GENERATION
         return [null if rng.random() < self.cfg.cfg_drop_rate else p for p in prompts]
 
     def generation_loss(self, prompts: list[str], target_pixels: torch.Tensor, ref_pixels: torch.Tensor | None = None,
                         rng: random.Random | None = None, generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
-        """Rectified-flow loss of one batch (generation, or editing when `ref_pixels` is given)."""
+        """Rectified-flow loss of one batch (generation, or editing when `ref_pixels` is given).
+        `prompts` are formatted (`unilip.prompts`); overlong ones are cut to the token limit."""
         if rng is not None:
             prompts = self.drop_prompts(prompts, ref_pixels is not None, rng)
         ref = None
         if ref_pixels is not None:
             with torch.no_grad():
                 ref = self.encoder(ref_pixels)
-        cond = self.generator.condition_states(prompts, ref)
+        cond = self.generator.condition_states(prompts, ref, truncate=True)
         return self.generator.flow_loss(self.target_latent(target_pixels), cond, generator)
 
     # --------------------------------------------------------------- inference
 
     def preprocess(self, images, size: int) -> torch.Tensor:
-        """PIL images or uint8 arrays -> InternVL pixel values (B, 3, size, size), RGB-converted."""
+        """PIL images or uint8 arrays -> fp32 InternVL pixel values (B, 3, size, size): RGB,
+        squash-resized (bicubic), as InternVL's image processor does and training does."""
         tensors = [torch.from_numpy(np.array(to_rgb(im).resize((size, size), Image.Resampling.BICUBIC))) for im in images]
-        return pixel_values_from_uint8(torch.stack(tensors).to(self.device)).to(self.dtype)
+        return pixel_values_from_uint8(torch.stack(tensors).to(self.device))
 
     @property
     def device(self) -> torch.device:
         return self.generator.queries.device
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.generator.queries.dtype
-
-    def check_prompts(self, prompts: list[str]) -> None:
-        if not prompts:
+    def check_prompts(self, texts: list[str], n_ref: int = 0) -> list[str]:
+        """User captions (or instructions, with `n_ref` reference-image tokens) -> the
+        formatted prompts, or a ValueError naming what is wrong."""
+        if not texts:
             raise ValueError("no prompts given")
-        for p in prompts:
-            if not isinstance(p, str) or not p.strip():
-                raise ValueError("prompt is empty")
-            if any(t in p for t in SPECIAL_TOKENS):
-                raise ValueError(f"prompt contains a reserved token ({', '.join(SPECIAL_TOKENS)})")
-            n = len(self.tokenizer.encode(p, add_special_tokens=False))
-            if n > MAX_PROMPT_TOKENS:
-                raise ValueError(f"prompt is {n} tokens long; the limit is {MAX_PROMPT_TOKENS}")
+        formatted = []
+        for text in texts:
+            check_text(text)
+            prompt = edit_prompt(text) if n_ref else generation_prompt(text)
+            self.generator._tokens(prompt, n_ref)  # refuses what is over the token limit
+            formatted.append(prompt)
+        return formatted
 
     def _sample(self, cond: Condition, uncond: Condition, guidance_scale, steps, seed, solver) -> list[Image.Image]:
         guidance_scale = self.cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -222,25 +220,24 @@ class UniLIP(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[str], guidance_scale: float | None = None, steps: int | None = None,
                  seed: int | list[int] | None = None, solver: str | None = None) -> list[Image.Image]:  # fmt: skip
-        """Text -> 448x448 images, with classifier-free guidance against the null prompt.
+        """Captions -> 448x448 images, with classifier-free guidance against the null prompt.
         `seed`: one for the batch, or one per prompt (batching then does not change an image)."""
-        self.check_prompts(prompts)
         g = self.generator
-        cond = g.condition_states(prompts)
-        uncond = g.condition_states([NULL_GENERATION_PROMPT] * len(prompts))
+        cond = g.condition_states(self.check_prompts(prompts))
+        uncond = g.condition_states([NULL_GENERATION] * len(prompts))
         return self._sample(cond, uncond, guidance_scale, steps, seed, solver)
 
     @torch.no_grad()
     def edit(self, images: list, instructions: list[str], guidance_scale: float | None = None,
              steps: int | None = None, seed: int | list[int] | None = None, solver: str | None = None) -> list[Image.Image]:  # fmt: skip
         """Reference images + instructions -> edited 448x448 images (the null prompt keeps the image)."""
-        self.check_prompts(instructions)
+        g = self.generator
+        prompts = self.check_prompts(instructions, n_ref=LATENT_SIDE**2)  # a 448 px reference: 256 tokens
         if len(images) != len(instructions):
             raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
-        ref = self.encoder(self.preprocess(images, 448))
-        g = self.generator
-        cond = g.condition_states(instructions, ref)
-        uncond = g.condition_states([NULL_EDIT_PROMPT] * len(images), ref)
+        ref = self.encoder(self.preprocess(images, OUTPUT_SIZE))
+        cond = g.condition_states(prompts, ref)
+        uncond = g.condition_states([NULL_EDIT] * len(images), ref)
         return self._sample(cond, uncond, guidance_scale, steps, seed, solver)
 
     @torch.no_grad()
@@ -255,12 +252,12 @@ class UniLIP(nn.Module):
         """Answer a question about an image with InternVL3, the UniLIP encoder in place."""
         from unilip.tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
 
-        self.check_prompts([question])
+        check_text(question)
         pixels = self.preprocess([image], 448)
         n = self.mllm.config.image_seq_length
         text = f"{IM_START}user\n{IMG_START}{IMG_CONTEXT * n}{IMG_END}\n{question}{IM_END}\n{IM_START}assistant\n"
         ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], device=self.device)
-        out = self.mllm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+        out = self.mllm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels.to(self.mllm.dtype),
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
         return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
@@ -301,7 +298,8 @@ class UniLIP(nn.Module):
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{model_dir} is not a UniLIP model directory: {e}") from None
         if config.get("format") != "unilip" or config.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{model_dir}: unsupported checkpoint format {config.get('format')!r} v{config.get('version')}")
+            raise ValueError(f"{model_dir}: unsupported checkpoint format {config.get('format')!r} v{config.get('version')} "
+                             f"(this version reads v{FORMAT_VERSION})")
         cfg = cfg or from_dict(ModelConfig, config["model"])
         sources = Sources(**config["sources"])
         parts = build_parts("tiny") if sources.mllm == "tiny" else pretrained_parts(sources)
@@ -335,6 +333,14 @@ class UniLIP(nn.Module):
         self.load_parts(recon_dir, names)
         self.trained_parts |= set(names)
         return names
+
+
+def check_text(text) -> None:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("prompt is empty")
+    reserved = (*SPECIAL_TOKENS, IMAGE)
+    if any(t in text for t in reserved):
+        raise ValueError(f"prompt contains a reserved token ({', '.join(reserved)})")
 
 
 def to_rgb(image) -> Image.Image:

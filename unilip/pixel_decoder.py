@@ -4,7 +4,8 @@
     images = decoder.decode(latent, size=448)   # (B, 3, 448, 448) in [-1, 1]
 
 The latent is also the diffusion target in generation stages 2-3 (times unilip_factor).
-The DC-AE decoder upsamples 32x (16x16 -> 512 px); the result is resized to the input size.
+The DC-AE decoder upsamples 32x (16x16 -> 512 px); the result is resized to the input size
+(bilinear, in fp32: `unilip.numerics`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unilip.numerics import resize_images
+
 
 class ResidualMLP(nn.Module):
     def __init__(self, width: int):
         super().__init__()
-        self.norm = nn.LayerNorm(width)
+        self.norm = nn.LayerNorm(width, eps=1e-6)
         self.fc1 = nn.Linear(width, width)
         self.fc2 = nn.Linear(width, width)
 
@@ -34,6 +37,10 @@ class DownProjection(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.fc1 = nn.Linear(width, latent_channels)
         self.fc2 = nn.Linear(latent_channels, latent_channels)
+        for m in self.modules():  # the release's initialisation
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(self.norm(self.blocks(feats)))))
@@ -52,8 +59,5 @@ class PixelDecoder(nn.Module):
         return self.down_proj(feats).transpose(1, 2).reshape(b, -1, side, side)
 
     def decode(self, latent: torch.Tensor, size: int) -> torch.Tensor:
-        """Latent -> (B, 3, size, size) images in [-1, 1]."""
-        images = self.dcae.decode(latent).sample
-        if images.shape[-1] != size:
-            images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-        return images
+        """Latent -> (B, 3, size, size) images in [-1, 1], fp32."""
+        return resize_images(self.dcae.decode(latent.to(self.dcae.dtype)).sample, size)

@@ -2,8 +2,9 @@
 
 The conditional and unconditional (null-prompt) conditions run through the DiT as one
 batch; the guided velocity is v_u + g (v_c - v_u). Solvers: diffusers'
-FlowMatchEulerDiscreteScheduler ("euler") or DPMSolverMultistepScheduler in flow mode
-("dpm"), both with the timestep shift (3.0 by default).
+DPMSolverMultistepScheduler in flow mode ("dpm", DPM-Solver++ 2M, the release's default)
+or FlowMatchEulerDiscreteScheduler ("euler"), both with the timestep shift (3.0 by
+default). The latent state and the solver arithmetic are fp32; the DiT runs in its dtype.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def concat_conditions(a: Condition, b: Condition) -> Condition:
 
 @torch.no_grad()
 def sample(velocity, cond: Condition, uncond: Condition | None, shape: tuple[int, ...], steps: int,
-           guidance_scale: float, solver: str = "euler", shift: float = 3.0,
+           guidance_scale: float, solver: str = "dpm", shift: float = 3.0,
            generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Integrate from noise (t=1) to data (t=0). `velocity(x, t, cond)` predicts eps - x0.
     The starting noise is `noise` if given, else drawn from `generator`."""
@@ -59,14 +60,14 @@ def sample(velocity, cond: Condition, uncond: Condition | None, shape: tuple[int
     scheduler.set_timesteps(steps)
     device = cond.states.device
     if noise is None:
-        noise = torch.randn(shape, generator=generator, device=device, dtype=cond.states.dtype)
-    x = noise.to(device, cond.states.dtype)
+        noise = torch.randn(shape, generator=generator)  # on the CPU: a seed gives the same image on any device
+    x = noise.to(device, torch.float32)
     guided = uncond is not None and guidance_scale != 1.0
     both = concat_conditions(cond, uncond) if guided else cond
     for t in scheduler.timesteps:
         x_in = torch.cat([x, x]) if guided else x
         t01 = (t / scheduler.config.num_train_timesteps).expand(x_in.shape[0]).to(device)
-        v = velocity(x_in, t01, both)
+        v = velocity(x_in, t01, both).float()
         if guided:
             v_c, v_u = v.chunk(2)
             v = v_u + guidance_scale * (v_c - v_u)
