@@ -368,7 +368,7 @@ def assumptions(plan: Plan) -> str:
     return "\n".join([
         "Assumptions:",
         f"  peak {peak:g} TFLOP/s bf16 dense per {plan.gpu}; achieved fraction (MFU) {plan.mfu:.0%} (--mfu)",
-        f"  prompts of 64 tokens; editing share from the recipe's multipliers x published source sizes",
+        "  prompts of 64 tokens; editing share from the recipe's proportions, or multipliers x published source sizes",
         f"  decode rate {plan.decode_rate:g} images/s per core (--decode-rate; `unilip data bench` measures it)",
         "  the paper reports no training wall clock or GPU hours, only the hardware: "
         "4 A100s (reconstruction), 2 nodes x 8 A100s (generation)",

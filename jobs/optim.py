@@ -97,9 +97,10 @@ class EMA:
 
     @torch.no_grad()
     def copy_to_params(self) -> None:
-        """Write the averages into the (gathered) parameters: call inside `gathered(...)`."""
+        """Put the fp32 averages in place of the (gathered) parameters, whatever their
+        training dtype, for the export that ends a run: call inside `gathered(...)`."""
         for n, p in self.named.items():
-            p.data.copy_(self.shadow[n].to(p.dtype))
+            p.data = self.shadow[n].to(p.device).clone()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)

@@ -94,8 +94,10 @@ def frame(im: Image.Image, resolution: int, preprocess: str, rng: np.random.Gene
     else:
         if rng is None:
             raise ValueError("random_crop needs the sample's rng")
-        # offsets in the resized image (shorter side = resolution), as RandomCrop draws them
-        span_x, span_y = int(w / scale) - resolution, int(h / scale) - resolution
+        # offsets in the resized image (shorter side = resolution, the other one as Resize
+        # rounds it), as RandomCrop draws them
+        long = int(resolution * max(w, h) / side)
+        span_x, span_y = (long - resolution, 0) if w > h else (0, long - resolution)
         left, top = rng.integers(0, span_x + 1) * scale, rng.integers(0, span_y + 1) * scale
     box = (left, top, left + side, top + side)
     out = im.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)

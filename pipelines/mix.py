@@ -237,7 +237,6 @@ class TaskMixer:
         self.plan = StepPlan(sources, batch_size, world, accumulation, mode, seed)
         self.rank = rank
         self.cursors = {s.name: _Cursor(s, (epochs or {}).get(s.name, 0)) for s in sources}
-        self.served: Counter = Counter()  # samples per task, this worker
         self._pending: list[dict[str, int]] = []
 
     def next_batch(self) -> dict:
@@ -255,7 +254,6 @@ class TaskMixer:
                 if "source" not in part:
                     part["source"] = np.zeros_like(part["image"])
                 parts.append(part)
-                self.served[s.task] += n
         return {c: np.concatenate([p[c] for p in parts]) for c in COLUMNS}
 
     def __iter__(self):

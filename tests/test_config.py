@@ -96,3 +96,12 @@ def test_cli_recipe_show_and_bad_key():
     bad = run_cli("recipe", "show", "recon-stage1", "--set", "train.lrr=2e-4")
     assert bad.returncode == 2
     assert "unknown key 'train.lrr'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_zero3_with_two_tasks_needs_lockstep_batches():
+    from jobs.train import prepare
+
+    with pytest.raises(ConfigError, match="needs data.batch_mode lockstep"):
+        prepare("gen-stage2", "unilip-1b", ["train.zero_stage=3"])
+    assert prepare("gen-stage2", "unilip-1b", ["train.zero_stage=3", "data.batch_mode=lockstep"]).data.batch_mode == "lockstep"
+    assert prepare("gen-stage1", "unilip-1b", ["train.zero_stage=3"]).train.zero_stage == 3  # one task: any mode

@@ -156,6 +156,9 @@ def test_framing_squash_center_and_random_crop():
     half.paste((255, 0, 0), (0, 0, 50, 100))  # square: only the flip varies
     flipped = [np.asarray(frame(half, 56, "random_crop", np.random.default_rng(i)))[:, :28, 0].mean() < 100 for i in range(40)]
     assert 5 < sum(flipped) < 35  # about half the draws flip
+    for size in ((96, 72), (72, 96), (97, 96), (50, 333)):  # upscaling, and spans of a pixel or none
+        for i in range(20):
+            assert frame(Image.new("RGB", size), 224, "random_crop", np.random.default_rng(i)).size == (224, 224)
     with pytest.raises(ValueError, match="preprocess must be one of"):
         frame(im, 56, "stretch")
 

@@ -47,18 +47,18 @@ def training_prompts() -> dict[str, str]:
 
 def recorded_sequences(model, call) -> list[list[int]]:
     """The token ids every condition built during `call`: cond first, then uncond."""
-    seen, original = [], model.generator._tokens
+    seen, original = [], model.generator.tokens
 
     def spy(prompt, n_ref, truncate=False):
         ids, slots = original(prompt, n_ref, truncate)
         seen.append(ids)
         return ids, slots
 
-    model.generator._tokens = spy
+    model.generator.tokens = spy
     try:
         call()
     finally:
-        model.generator._tokens = original
+        model.generator.tokens = original
     return seen
 
 
@@ -71,10 +71,10 @@ def test_training_and_inference_prompts_are_the_release_token_sequences(model):
     edit_expected = release_ids(tok, f"Edit the image: Make it black and white.\n{REF}")  # the image after the text
     null_gen, null_edit = release_ids(tok, "Generate an image."), release_ids(tok, f"Edit the image.\n{REF}")
     # training: the batch's prompts through the generator
-    assert model.generator._tokens(batch["generation"], 0, truncate=True)[0] == gen_expected
-    assert model.generator._tokens(batch["editing"], 256, truncate=True)[0] == edit_expected
-    assert model.generator._tokens(NULL_GENERATION, 0)[0] == null_gen
-    assert model.generator._tokens(NULL_EDIT, 256)[0] == null_edit
+    assert model.generator.tokens(batch["generation"], 0, truncate=True)[0] == gen_expected
+    assert model.generator.tokens(batch["editing"], 256, truncate=True)[0] == edit_expected
+    assert model.generator.tokens(NULL_GENERATION, 0)[0] == null_gen
+    assert model.generator.tokens(NULL_EDIT, 256)[0] == null_edit
     # inference: what generate and edit build from the user's text, conditional and null
     photo = decode(_jpeg(3))
     generated = recorded_sequences(model, lambda: model.generate(["a red fox in the snow"], steps=1, seed=0))
@@ -83,7 +83,7 @@ def test_training_and_inference_prompts_are_the_release_token_sequences(model):
     assert generated[-2:] == [gen_expected, null_gen] and all(ids == gen_expected for ids in generated[:-2])
     assert edited[-2:] == [edit_expected, null_edit] and all(ids == edit_expected for ids in edited[:-2])
     # the reference image's feature slots sit right after the instruction, inside the user turn
-    ids, slots = model.generator._tokens(batch["editing"], 256)
+    ids, slots = model.generator.tokens(batch["editing"], 256)
     assert len(slots) == 256 and ids[slots[0] - 1] == tok.convert_tokens_to_ids(IMG_START)
     assert ids[slots[-1] + 1] == tok.convert_tokens_to_ids(IMG_END)
 
@@ -91,13 +91,13 @@ def test_training_and_inference_prompts_are_the_release_token_sequences(model):
 def test_overlong_prompts_are_cut_in_training_and_refused_at_inference(model):
     tok = model.tokenizer
     long_edit = "Edit the image: " + "make the sky a little brighter " * 200 + "\n<image>"
-    ids, slots = model.generator._tokens(long_edit, 256, truncate=True)
+    ids, slots = model.generator.tokens(long_edit, 256, truncate=True)
     assert len(ids) <= MAX_PROMPT_TOKENS + 1 + QUERIES and len(ids) > MAX_PROMPT_TOKENS - 8
     assert len(slots) == 256  # the reference image stays whole
     tail = tok.encode(f"{IMG_END}<|im_end|>\n<|im_start|>assistant\n{IMG_START}", add_special_tokens=False)
     assert ids[slots[-1] + 1 : slots[-1] + 1 + len(tail)] == tail  # so does the chat framing
     with pytest.raises(ValueError, match="the limit is 767"):
-        model.generator._tokens(long_edit, 256)
+        model.generator.tokens(long_edit, 256)
 
 
 class Counts:

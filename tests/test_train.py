@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from jobs.fid import inception_network
 from jobs.recipes import chain
@@ -82,7 +82,9 @@ def test_train_all_runs_every_stage_and_exports_a_generating_model(stack, s3, tr
     # gen-stage2: global steps that hold both tasks (the workers' micro batches differ)
     run_id = mlflow_run("gen-stage2-tiny").info.run_id
     assert client.get_metric_history(run_id, "train/flow_generation") and client.get_metric_history(run_id, "train/flow_editing")
-    # The exported directory is the model library's: it loads and generates.
+    # The exported directory is the model library's, in fp32 (the EMA averages) after bf16 training: it loads and generates.
+    for part in ("dit", "connector", "queries"):
+        assert {v.dtype for v in load_file(str(export / f"{part}.safetensors")).values()} == {torch.float32}, part
     model = UniLIP.from_pretrained(export)
     (image,) = model.generate(["a red apple on a table"], seed=0, steps=2)
     assert isinstance(image, Image.Image) and image.size == (448, 448)

@@ -86,7 +86,7 @@ class DualConditionGenerator(nn.Module):
 
     # ------------------------------------------------------------------ sequence
 
-    def _tokens(self, prompt: str, n_ref: int, truncate: bool = False) -> tuple[list[int], list[int]]:
+    def tokens(self, prompt: str, n_ref: int, truncate: bool = False) -> tuple[list[int], list[int]]:
         """Token ids of one chat turn (+ `<img>` + query slots), and the reference-image slots.
 
         `prompt` is formatted (`unilip.prompts`); its `<image>` becomes the reference image.
@@ -121,7 +121,7 @@ class DualConditionGenerator(nn.Module):
         llm = mllm.model.language_model
         embed = llm.get_input_embeddings()
         device = self.queries.device
-        seqs = [self._tokens(p, 0 if ref_features is None else ref_features.shape[1], truncate) for p in prompts]
+        seqs = [self.tokens(p, 0 if ref_features is None else ref_features.shape[1], truncate) for p in prompts]
         length = max(len(ids) for ids, _ in seqs)
         nq = self.queries.shape[1] if self.condition != "hidden" else 0
         # Left padding keeps the query slots aligned at the end of every row.

@@ -13,7 +13,7 @@ caption_projector, dit. The LLM, the DC-AE encoder and the distillation teacher 
 always frozen; the discriminator belongs to the reconstruction loss (`unilip.losses`).
 
 Checkpoint format: a directory with config.json (model config, the sources of the frozen
-parts, the latent space, which parts were trained), one safetensors file per saved
+parts, the latent space, which parts were trained), one fp32 safetensors file per saved
 component, and the tokenizer. UniLIP's own parts are always saved; pretrained parts
 (encoder, pixel_decoder, dit) once they were trained.
 """
@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -197,7 +196,7 @@ class UniLIP(nn.Module):
         for text in texts:
             check_text(text)
             prompt = edit_prompt(text) if n_ref else generation_prompt(text)
-            self.generator._tokens(prompt, n_ref)  # refuses what is over the token limit
+            self.generator.tokens(prompt, n_ref)  # refuses what is over the token limit
             formatted.append(prompt)
         return formatted
 
@@ -276,7 +275,8 @@ class UniLIP(nn.Module):
         for name in self.saved_parts():
             part = parts[name]
             state = {"queries": part.detach()} if isinstance(part, nn.Parameter) else part.state_dict()
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / f"{name}.safetensors"))
+            state = {k: (v.float() if v.is_floating_point() else v).detach().contiguous().cpu() for k, v in state.items()}
+            save_file(state, str(out / f"{name}.safetensors"))  # fp32, whatever the training precision
         config = {
             "format": "unilip",
             "version": FORMAT_VERSION,
