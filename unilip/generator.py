@@ -158,11 +158,13 @@ class DualConditionGenerator(nn.Module):
                         encoder_attention_mask=cond.mask).sample  # fmt: skip
 
     def flow_loss(self, x0: torch.Tensor, cond: Condition, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Rectified-flow loss for target latents x0; the interpolation and the MSE in fp32."""
+        """Rectified-flow loss for target latents x0; the interpolation and the MSE in fp32.
+        t and the noise come from `generator` on its own device (the CPU's, checkpointed)."""
         x0 = x0.float()
         b = x0.shape[0]
-        t = torch.sigmoid(torch.randn(b, device=x0.device, generator=generator))  # logit-normal(0, 1)
-        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        where = generator.device if generator is not None else x0.device
+        t = torch.sigmoid(torch.randn(b, device=where, generator=generator)).to(x0.device)  # logit-normal(0, 1)
+        eps = torch.randn(x0.shape, device=where, generator=generator).to(x0.device)
         tt = t.view(b, 1, 1, 1)
         x_t = (1 - tt) * x0 + tt * eps
         return F.mse_loss(self.velocity(x_t, t, cond).float(), eps - x0)
