@@ -45,7 +45,7 @@ def plain_batches(recipe: Recipe, s3, count: int) -> list[dict]:
             yield decode({k: [r.get(k) for r in rows] for k in rows[0]})
 
     plan = plan_sources(recipe.data, s3)
-    sources = [MixSource(s.name, s.task, plan[s.name].weight, lambda s=s: epoch(s.uri, s.task)) for s in recipe.data.sources]
+    sources = [MixSource(s.name, s.task, plan[s.name].weight, lambda _, s=s: epoch(s.uri, s.task)) for s in recipe.data.sources]
     mixer = TaskMixer(sources, recipe.train.micro_batch, recipe.data.batch_mode, recipe.data.seed)
     return [mixer.next_batch() for _ in range(count)]
 

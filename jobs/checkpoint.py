@@ -2,7 +2,7 @@
 
 A checkpoint directory (one per K steps, `step-00001000`, on the run's storage path):
     state/...                DeepSpeed: trainable weights, optimizer state (per ZeRO rank)
-    train_state.json         step, MLflow run id, data position, mixer state
+    train_state.json         step, MLflow run id, data position and fingerprint, step-plan state
     rng-RANK.json            each worker's RNG states (Python, NumPy, torch, sampling)
     ema.safetensors          EMA of the trainable weights (what gets exported)
     critic.safetensors       the discriminator and its AdamW state (reconstruction stage 2)

@@ -162,7 +162,7 @@ def train_loop(config: dict) -> None:
 
     from jobs.evaluate import evaluate, load_eval_images
     from jobs.tracking import Tracker, image_grid
-    from pipelines.ingest import REST, SourcePlan, worker_mixer
+    from pipelines.ingest import REST, SourcePlan, layout, worker_mixer
     from pipelines.mix import collate
     from pipelines.position import Position
     from unilip.s3 import s3_access
@@ -189,7 +189,8 @@ def train_loop(config: dict) -> None:
     # Sampling randomness (CFG drops, noise, timesteps) differs per worker, and is checkpointed.
     rng = random.Random(tc.seed * 1000 + rank)
     generator = torch.Generator().manual_seed(tc.seed * 1000 + rank)
-    step, run_id, mixer_state, position = 0, None, None, Position()
+    plan = {n: SourcePlan(**p) for n, p in config["plan"].items()}
+    step, run_id, mixer_state, position = 0, None, None, Position(layout(plan))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -197,7 +198,7 @@ def train_loop(config: dict) -> None:
             engine.load_checkpoint(str(d), tag=DS_TAG, load_module_strict=False)
             state = json.loads((d / "train_state.json").read_text())
             step, run_id, mixer_state = state["step"], state["mlflow_run_id"], state["mixer"]
-            position = Position(state["position"])
+            position = Position(layout(plan), state["position"])
             from safetensors.torch import load_file
 
             ema.load_state_dict(load_file(str(d / "ema.safetensors")))
@@ -208,11 +209,11 @@ def train_loop(config: dict) -> None:
                 load_rng_state(json.loads(rng_file.read_text()), rng, generator)
         log(f"[{recipe.name}] resumed from step {step} ({checkpoint.path})")
 
-    plan = {n: SourcePlan(**p) for n, p in config["plan"].items()}
     shards = {n: ray.train.get_dataset_shard(n) for n in plan}
     rest = {n: ray.train.get_dataset_shard(n + REST) for n in plan}
     mixer = worker_mixer(plan, shards, tc.micro_batch, recipe.data.batch_mode, recipe.data.seed, rank, world,
-                         accumulation, rest=rest, state=mixer_state, epochs=position.epochs)  # fmt: skip
+                         accumulation, rest=rest, state=mixer_state, epochs=position.epochs,
+                         local_shuffle=recipe.data.worker_shuffle_buffer)  # fmt: skip
     counter = config["counter"]
 
     tracker = None
@@ -244,8 +245,7 @@ def train_loop(config: dict) -> None:
                 log(f"[{recipe.name}] eval step {at}: " + "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items()))
 
     def save_checkpoint(at: int) -> None:
-        states = [None] * world
-        dist.all_gather_object(states, position.state())
+        position.merge_workers(device)  # every worker's consumed samples, on every worker
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             engine.save_checkpoint(str(out), tag=DS_TAG, exclude_frozen_parameters=True)
@@ -253,8 +253,8 @@ def train_loop(config: dict) -> None:
             if rank == 0:
                 from safetensors.torch import save_file
 
-                state = {"step": at, "mlflow_run_id": run_id, "mixer": mixer.state(),
-                         "position": Position.merged(states).state(), "recipe": recipe.name}  # fmt: skip
+                state = {"step": at, "mlflow_run_id": run_id, "mixer": mixer.state(), "position": position.state(),
+                         "data": config["data"], "recipe": recipe.name}  # fmt: skip
                 (out / "train_state.json").write_text(json.dumps(state))
                 save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(out / "ema.safetensors"))
                 if stage.critic_optimizer is not None:
@@ -266,7 +266,7 @@ def train_loop(config: dict) -> None:
     engine.train()
     started, first_step, samples = time.perf_counter(), step, 0
     while step < tc.steps:
-        maybe_fault(config, tc.fault_step, step, rank, world, s3)
+        maybe_fault(config, tc.fault_steps, step, rank, world, s3)
         step_started = time.perf_counter()
         consumed = [mixer.next_batch() for _ in range(accumulation)]
         terms = optimizer_step(engine, stage, [collate(raw, device=device) for raw in consumed], step, recipe, world,
@@ -352,11 +352,11 @@ def export(config: dict, recipe: Recipe, engine, model: UniLIP, ema: EMA, tracke
             print(f"[{recipe.name}] exported EMA weights: {uri}")
 
 
-def maybe_fault(config: dict, fault_step: int | None, step: int, rank: int, world: int, s3) -> None:
-    """Recovery testing: one worker kills its own process, once per run, as `fault_step` begins."""
-    if fault_step is None or step != fault_step or rank != min(1, world - 1):
+def maybe_fault(config: dict, fault_steps: list[int], step: int, rank: int, world: int, s3) -> None:
+    """Recovery testing: one worker kills its own process, once per run, as each of `fault_steps` begins."""
+    if step not in fault_steps or rank != min(1, world - 1):
         return
-    marker = f"{config['storage']}/{config['run_name']}/fault-{fault_step}.done"
+    marker = f"{config['storage']}/{config['run_name']}/fault-{step}.done"
     if (s3.list_keys(marker) if marker.startswith("s3://") else Path(marker).exists()):
         return
     put(s3, marker, "killed")

@@ -73,9 +73,12 @@ def latest_train_state(storage: str, run_name: str, s3: S3Access) -> dict | None
         return json.loads(f.read())
 
 
-def latest_position(storage: str, run_name: str, s3: S3Access) -> Position:
+def latest_position(storage: str, run_name: str, s3: S3Access, plan: dict) -> Position | None:
+    """The data position Ray Train resumes this run from; None for a new run."""
+    from pipelines.ingest import layout
+
     state = latest_train_state(storage, run_name, s3)
-    return Position(state["position"] if state else None)
+    return Position(layout(plan), state["position"]) if state else None
 
 
 def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = False, overrides: list[str] | None = None,
@@ -91,7 +94,7 @@ def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = Fal
     from jobs.optim import gradient_accumulation
     from jobs.tracking import latest_model
     from pipelines.decode import skip_counter
-    from pipelines.ingest import dataset_factories, plan_sources
+    from pipelines.ingest import check_resume, dataset_factories, fingerprint, plan_sources
 
     recipe = prepare(name, preset, overrides or [])
     gradient_accumulation(recipe.train, workers)  # refuse a batch that does not divide before starting
@@ -108,6 +111,10 @@ def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = Fal
     if state and state["step"] >= recipe.train.steps and (done := registered_model(tracking_uri, run_name)):
         log(f"[{name}] run {run_name} already finished and exported: {done}")  # nothing to start workers for
         return done
+    plan = plan_sources(recipe.data, s3)
+    data = fingerprint(recipe.data, plan)
+    for warning in check_resume(state and state.get("data"), data):  # refuses changed manifests
+        log(f"[{name}] warning: {warning}")
 
     env = s3.env() | {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "AWS_", "UNILIP_"))}
     # Ray Train's print patch tees worker prints once more when stdout is wrapped: one line each.
@@ -119,7 +126,6 @@ def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = Fal
     quiet_ray_data()
     if cpus_per_worker is None:  # leave half the CPUs to the data pipeline on CPU-only clusters
         cpus_per_worker = 1.0 if gpu else min(1.0, ray.cluster_resources().get("CPU", 2) / (2 * workers))
-    plan = plan_sources(recipe.data, s3)
     counter = skip_counter(f"unilip-skips-{run_name}")
     fs, storage_path = s3.resolve(storage)
     log(f"[{name}] preset {preset}, {workers} workers x {cpus_per_worker:g} CPU{' + GPU' if gpu else ''}, "
@@ -129,7 +135,7 @@ def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = Fal
         train_loop_config={
             "recipe": to_dict(recipe), "s3": to_dict(recipe.s3), "init_from": init_from, "run_name": run_name,
             "storage": storage, "tracking_uri": tracking_uri, "experiment": EXPERIMENT, "counter": counter,
-            "plan": {n: vars(p) for n, p in plan.items()}, "model_name": model_name(preset, name),
+            "plan": {n: vars(p) for n, p in plan.items()}, "data": data, "model_name": model_name(preset, name),
         },  # fmt: skip
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
@@ -138,7 +144,7 @@ def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = Fal
             failure_config=FailureConfig(max_failures=recipe.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
         ),  # fmt: skip
-        datasets=dataset_factories(recipe.data, s3, counter, lambda: latest_position(storage, run_name, s3)),
+        datasets=dataset_factories(recipe.data, s3, counter, lambda: latest_position(storage, run_name, s3, plan)),
     )
     trainer.fit()
     registered = registered_model(tracking_uri, run_name)

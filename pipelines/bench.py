@@ -6,14 +6,18 @@ Both paths read the same shards through the same S3 access point and decode with
 same function (PIL, draft mode for JPEG, squash-resized to the resolution),
 then normalise for InternVL into torch tensors (the training collate's function). The
 plain loop is one process; the Ray pipeline is `source_dataset` consumed with
-`iter_batches`. Prints images/s for both, their ratio, images/s per core, and the peak
-memory of each: proportional set size (PSS, shared pages counted once) of this process
-and, for Ray, of every Ray process, sampled every 0.2 s on a second pass (the sampling
-is not free, so the timed pass runs without it).
+`iter_batches`, in manifest order and in the shipped shuffled order (`data.shuffle`,
+`shard_interleave`, `shuffle_buffer` defaults), two passes each in ABBA order. Prints
+images/s of each, their ratios, images/s per core, and the peak memory of each:
+proportional set size (PSS, shared pages counted once) of this process and, for Ray, of
+the private Ray it starts (GCS, raylet, object store, workers), sampled every 0.2 s on a
+pass of its own in a Ray started afresh (the sampling is not free, so the timed passes
+run without it; and the object store's pages a pass touches stay counted after it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -24,7 +28,8 @@ from unilip.config import DataConfig
 
 
 class PeakRSS:
-    """Samples the summed PSS of this process (and, with `ray=True`, every Ray process)."""
+    """Samples the summed PSS of this process (and, with `ray=True`, of the Ray processes it
+    started: its private Ray's GCS, raylet, object store and workers)."""
 
     def __init__(self, ray: bool = False, interval: float = 0.2):
         import psutil
@@ -37,11 +42,9 @@ class PeakRSS:
         me = self.psutil.Process()
         total = me.memory_full_info().pss
         if self.ray:
-            for p in self.psutil.process_iter(["name", "cmdline"]):
+            for p in me.children(recursive=True):
                 try:
-                    cmd = " ".join(p.info["cmdline"] or [])
-                    if p.pid != me.pid and ("ray::" in (p.info["name"] or "") or "ray/" in cmd or "ray::" in cmd):
-                        total += p.memory_full_info().pss
+                    total += p.memory_full_info().pss
                 except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
                     pass
         return total
@@ -93,60 +96,95 @@ def plain_loop(uris: list[str], task: str, s3, resolution: int) -> int:
     return count
 
 
-def ray_pipeline(src: str, task: str, s3, resolution: int) -> int:
+def ray_pipeline(src: str, task: str, s3, resolution: int, order) -> int:
     from pipelines.read import source_dataset
 
     count = 0
-    for batch in source_dataset(src, task, s3, resolution).iter_batches(batch_size=32, batch_format="numpy"):
+    for batch in source_dataset(src, task, s3, resolution, order=order, source="bench").iter_batches(batch_size=32, batch_format="numpy"):
         count += len(_normalise(batch["image"]))
         if "source" in batch:
             count += len(_normalise(batch["source"]))
     return count
 
 
+@contextlib.contextmanager
+def private_ray(inflight_mb: int | None):
+    """A Ray of this process's own on 127.0.0.1, started afresh: the object store's pages a
+    pass touches stay counted after it, so each memory figure gets a new one."""
+    from cluster.connect import pin_ray_to_loopback, quiet_ray_data
+    from pipelines.read import configure_data_context
+
+    pin_ray_to_loopback()
+    import ray
+
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    quiet_ray_data()
+    configure_data_context(inflight_mb)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def run_bench(src: str, s3, resolution: int = 448, inflight_mb: int | None = DataConfig.inflight_mb, log=print) -> dict:
-    from cluster.connect import init_ray, quiet_ray_data
-    from pipelines.read import configure_data_context, shard_uris
+    from pipelines.order import Order
+    from pipelines.read import shard_uris
     from pipelines.shards import read_manifest
 
     task = read_manifest(src, s3).task
     uris = shard_uris(src, s3)
     cores = os.cpu_count() or 1
+    shuffled, plain_order = Order.of(DataConfig()), Order(shuffle=False)
 
-    def measure(run, ray: bool) -> tuple[int, float, int]:
-        """Images, seconds and peak memory of `run`: timed on a pass of its own, because
-        sampling the memory of every Ray process costs a good part of a core."""
+    def timed(run) -> tuple[int, float]:
         t0 = time.perf_counter()
         n = run()
-        seconds = time.perf_counter() - t0
+        return n, time.perf_counter() - t0
+
+    def peak(run, ray: bool) -> int:
+        """Peak memory on a pass of its own: sampling every Ray process costs a good part of a core."""
         with PeakRSS(ray=ray) as rss:
             run()
-        return n, seconds, rss.peak
+        return rss.peak
 
     plain_loop(uris[:1], task, s3, resolution)  # warm-up: imports and first calls are not throughput
-    n_plain, plain_s, plain_rss = measure(lambda: plain_loop(uris, task, s3, resolution), ray=False)
-    ray = init_ray()
-    quiet_ray_data()
-    configure_data_context(inflight_mb)
-    ray_pipeline(src, task, s3, resolution)  # warm-up: worker start-up is not throughput
-    n_ray, ray_s, ray_rss = measure(lambda: ray_pipeline(src, task, s3, resolution), ray=True)
-    ray.shutdown()
+    n_plain, plain_s = timed(lambda: plain_loop(uris, task, s3, resolution))
+    plain_rss = peak(lambda: plain_loop(uris, task, s3, resolution), ray=False)
+    runs = {"manifest order": lambda: ray_pipeline(src, task, s3, resolution, plain_order),
+            "shuffled": lambda: ray_pipeline(src, task, s3, resolution, shuffled)}  # fmt: skip
+    seconds, images = {k: 0.0 for k in runs}, {k: 0 for k in runs}
+    with private_ray(inflight_mb):
+        runs["manifest order"]()  # warm-up: worker start-up is not throughput
+        for name in ("manifest order", "shuffled", "shuffled", "manifest order"):  # ABBA: drift cancels
+            n, t = timed(runs[name])
+            images[name] += n
+            seconds[name] += t
+    rss = {}
+    for name, run in runs.items():
+        with private_ray(inflight_mb):
+            rss[name] = peak(run, ray=True)
+    rate = {name: images[name] / seconds[name] for name in runs}
     result = {
         "images": n_plain,
         "plain_images_per_s": n_plain / plain_s,
-        "ray_images_per_s": n_ray / ray_s,
-        "ratio": (n_ray / ray_s) / (n_plain / plain_s),
+        "ray_images_per_s": rate["manifest order"],
+        "shuffled_images_per_s": rate["shuffled"],
+        "ratio": rate["manifest order"] / (n_plain / plain_s),
+        "shuffled_ratio": rate["shuffled"] / rate["manifest order"],
         "plain_per_core": n_plain / plain_s,
-        "ray_per_core": n_ray / ray_s / cores,
+        "ray_per_core": rate["manifest order"] / cores,
         "plain_peak_rss_mb": plain_rss / 2**20,
-        "ray_peak_rss_mb": ray_rss / 2**20,
+        "ray_peak_rss_mb": rss["manifest order"] / 2**20,
+        "shuffled_peak_rss_mb": rss["shuffled"] / 2**20,
         "cores": cores,
     }
-    if n_ray != n_plain:
-        raise RuntimeError(f"the two paths decoded different numbers of images: {n_ray} vs {n_plain}")
+    if any(images[name] != 2 * n_plain for name in runs):
+        raise RuntimeError(f"the paths decoded different numbers of images: {images} vs {n_plain} per pass")
     budget = "Ray Data default" if inflight_mb is None else f"{inflight_mb} MB"
     log(f"[bench] {src}: {n_plain} images at {resolution} px, {cores} cores, in-flight budget {budget}")
     log(f"[bench] plain loop   {result['plain_images_per_s']:7.1f} images/s  ({result['plain_per_core']:.1f}/core, 1 core)  peak memory {result['plain_peak_rss_mb']:.0f} MB")
-    log(f"[bench] Ray pipeline {result['ray_images_per_s']:7.1f} images/s  ({result['ray_per_core']:.1f}/core)  peak memory {result['ray_peak_rss_mb']:.0f} MB (PSS, driver + Ray processes)")
-    log(f"[bench] ratio Ray / plain: {result['ratio']:.2f}x")
+    log(f"[bench] Ray pipeline {result['ray_images_per_s']:7.1f} images/s  ({result['ray_per_core']:.1f}/core)  peak memory {result['ray_peak_rss_mb']:.0f} MB (PSS, driver + Ray processes), manifest order")
+    log(f"[bench] Ray shuffled {result['shuffled_images_per_s']:7.1f} images/s  peak memory {result['shuffled_peak_rss_mb']:.0f} MB "
+        f"(interleave {shuffled.interleave}, window {shuffled.window}; two passes each, ABBA)")  # fmt: skip
+    log(f"[bench] ratio Ray / plain: {result['ratio']:.2f}x; shuffled / manifest order: {result['shuffled_ratio']:.2f}x")
     return result

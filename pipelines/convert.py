@@ -15,8 +15,13 @@ Work is split into one Ray task per output shard (wds: per input shard), a few i
 at a time, each streaming its samples: memory is bounded by one annotation file in the
 driver and one sample per task. Every finished shard gets a sidecar `NAME.tar.json`
 written after the tar is complete; a rerun skips shards that have one (resumable). The
-manifest is written from the sidecars at the end. Bad items (missing or undecodable
-images, empty or non-UTF-8 text, multi-turn edits) are skipped and counted by reason.
+manifest is written from the sidecars at the end. Every sample is checked with training's
+own decoder checks (`pipelines.decode`: text present, UTF-8, not empty, captions up to
+1,000 characters; images present, decodable, 32 px a side or more, not a decompression
+bomb), so a converted source holds only samples training uses; bad ones are skipped and
+counted in the decoder's vocabulary (`missing_text`, `bad_text`, `empty_text`,
+`caption_too_long`, `missing_image`, `missing_edit_input`, `bad_image`, `image_too_small`,
+`image_too_large`), multi-turn edits as `not_single_turn`/`not_single_image`.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import PurePosixPath
 
 from PIL import Image
 
+from pipelines.decode import BadSample, decode_text, open_image
 from pipelines.shards import MANIFEST, Manifest, ShardInfo, ShardWriter, join
 from unilip.s3 import S3Access, is_s3
 
@@ -93,33 +99,32 @@ def sharegpt_4o_items(src: str, s3: S3Access):
 # -------------------------------------------------------------------------- shards
 
 
-def _image_member(data: bytes, as_jpeg: bool) -> tuple[bytes, str]:
-    """Validate an image; edits are stored as JPEG (re-encoded if needed)."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        fmt = (im.format or "").lower()
-        if as_jpeg and fmt != "jpeg":
-            buf = io.BytesIO()
-            im.convert("RGB").save(buf, format="JPEG", quality=95)
-            return buf.getvalue(), "jpg"
+def _image_member(data: bytes, missing: str, as_jpeg: bool) -> tuple[bytes, str]:
+    """An image that passes training's checks (`open_image`); edits are stored as JPEG
+    (re-encoded if needed)."""
+    im = open_image(data, missing)
+    fmt = (Image.open(io.BytesIO(data)).format or "").lower()
+    if as_jpeg and fmt != "jpeg":
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=95)
+        return buf.getvalue(), "jpg"
     return data, {"jpeg": "jpg", "png": "png", "webp": "webp"}.get(fmt, "jpg")
 
 
 def _sample(s3: S3Access, task: str, members: dict) -> dict[str, bytes]:
-    """Fetch and validate one sample's files; raises ValueError(reason) for a bad one."""
-    text = members["txt"].strip() if isinstance(members["txt"], str) else members["txt"]
-    if not text:
-        raise ValueError("empty_text")
-    out = {"txt": text.encode() if isinstance(text, str) else text}
+    """Fetch one sample's files and check them as training's decoder does, so a converted
+    source holds only samples training uses; raises BadSample(reason) in its vocabulary."""
+    text = members["txt"]
+    text = text.strip().encode() if isinstance(text, str) else text  # None: no caption
+    decode_text(text, task)
+    out = {"txt": text.strip()}
     for name in ("input.jpg", "output.jpg") if task == "editing" else ("output",):
+        missing = "missing_edit_input" if name == "input.jpg" else "missing_image"
         try:
-            data = members[name] if isinstance(members[name], bytes) else _read(s3, members[name])
+            data = members[name] if isinstance(members[name], bytes | None) else _read(s3, members[name])
         except (OSError, KeyError):
-            raise ValueError("missing_image") from None
-        try:
-            data, ext = _image_member(data, as_jpeg=task == "editing")
-        except (OSError, ValueError, Image.DecompressionBombError):
-            raise ValueError("bad_image") from None
+            raise BadSample(missing) from None
+        data, ext = _image_member(data, missing, as_jpeg=task == "editing")
         out[name if task == "editing" else ext] = data
     return out
 
@@ -134,8 +139,8 @@ def write_shard(out: str, s3: S3Access, name: str, task: str, items: list) -> di
             try:
                 writer.write(key, _sample(s3, task, members))
                 count += 1
-            except ValueError as e:
-                skipped[str(e)] += 1
+            except BadSample as e:
+                skipped[e.reason] += 1
     record = {"path": writer.manifest.shards[0].path if writer.manifest.shards else None, "samples": count, "skipped": dict(skipped)}
     if record["path"]:
         fs, root = s3.resolve(out)
@@ -164,11 +169,11 @@ def reshard_tar(out: str, s3: S3Access, src_uri: str, task: str, shard_size: int
         if row["skip"]:
             reasons[row["skip"]] += 1
             continue
-        members = {"txt": row["text"] or b""}
+        members = {"txt": row["text"]}  # None when the sample has no caption
         if task == "editing":
-            members.update({"input.jpg": row.get("source") or b"", "output.jpg": row["image"] or b""})
+            members.update({"input.jpg": row.get("source"), "output.jpg": row["image"]})
         else:
-            members["output"] = row["image"] or b""
+            members["output"] = row["image"]
         items.append((_key(row["key"]), members))
         if len(items) >= shard_size:
             flush()

@@ -5,8 +5,8 @@ target (a 1024 px square JPEG becomes a 512 px decode for a 448 target), convert
 RGB, then framed as the release frames them (`data.preprocess`):
 - random_crop (reconstruction training): the shorter side resized to the resolution
   (bicubic, antialiased), a random square crop and a random horizontal flip, drawn from a
-  seed of (data.seed, shard url, index in shard): a resumed run re-reads a sample with
-  the same crop and flip;
+  seed of (data.seed, shard url, index in shard, epoch): new each epoch, and a resumed
+  run re-reads a sample with the same crop and flip;
 - squash (generation and editing, training and inference): the whole image resized to
   resolution x resolution (bicubic), as InternVL's image processor does;
 - center_crop (reconstruction evaluation): the centre square of the shorter side.
@@ -48,17 +48,18 @@ class BadSample(ValueError):
         self.reason = reason
 
 
-def sample_rng(seed: int, url: str, index: int) -> np.random.Generator:
-    """The augmentation randomness of one sample: a function of the seed and where the
-    sample lives (a stable digest of the url: Python's hash() differs per process)."""
+def sample_rng(seed: int, url: str, index: int, epoch: int = 0) -> np.random.Generator:
+    """The augmentation randomness of one sample in one epoch: a function of the seed,
+    where the sample lives (a stable digest of the url: Python's hash() differs per
+    process) and the epoch."""
     digest = int.from_bytes(hashlib.blake2b(url.encode(), digest_size=8).digest(), "little")
-    return np.random.default_rng([seed, digest, index])
+    return np.random.default_rng([seed, digest, index, epoch])
 
 
-def decode_image(data: bytes | None, resolution: int, preprocess: str = "squash", rng: np.random.Generator | None = None,
-                 missing: str = "missing_image") -> np.ndarray:  # fmt: skip
-    """Bytes -> (res, res, 3) uint8: draft-mode decode, then the `preprocess` framing
-    (random_crop draws its crop and flip from `rng`)."""
+def open_image(data: bytes | None, missing: str = "missing_image", draft: int | None = None) -> Image.Image:
+    """Bytes -> an RGB image, with training's checks (`BadSample`: `missing`, image_too_large,
+    image_too_small, bad_image). `draft`: a JPEG is decoded at the smallest scale still
+    covering draft x draft."""
     if not data:
         raise BadSample(missing)
     try:
@@ -70,13 +71,20 @@ def decode_image(data: bytes | None, resolution: int, preprocess: str = "squash"
                     raise BadSample("image_too_large")
                 if min(w, h) < MIN_SIDE:
                     raise BadSample("image_too_small")
-                im.draft("RGB", (resolution, resolution))  # JPEG: decode at a reduced scale
-                im = im.convert("RGB")
+                if draft:
+                    im.draft("RGB", (draft, draft))
+                return im.convert("RGB")
     except BadSample:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadSample("bad_image") from None
-    return np.asarray(frame(im, resolution, preprocess, rng))
+
+
+def decode_image(data: bytes | None, resolution: int, preprocess: str = "squash", rng: np.random.Generator | None = None,
+                 missing: str = "missing_image") -> np.ndarray:  # fmt: skip
+    """Bytes -> (res, res, 3) uint8: draft-mode decode, then the `preprocess` framing
+    (random_crop draws its crop and flip from `rng`)."""
+    return np.asarray(frame(open_image(data, missing, draft=resolution), resolution, preprocess, rng))
 
 
 def frame(im: Image.Image, resolution: int, preprocess: str, rng: np.random.Generator | None = None) -> Image.Image:
@@ -133,6 +141,8 @@ class SampleDecoder:
 
     def __call__(self, batch: dict) -> dict:
         res = self.resolution
+        # rows read outside a datasource (benchmarks, evaluation) have no epoch: 0
+        epochs = np.asarray(batch["epoch"] if "epoch" in batch else [0] * len(batch["key"]), dtype=np.int64)
         keep, prompts, images, sources = [], [], [], []
         skipped: Counter = Counter()
         for i in range(len(batch["key"])):
@@ -140,7 +150,7 @@ class SampleDecoder:
                 if batch["skip"][i]:
                     raise BadSample(batch["skip"][i])
                 prompt = decode_text(batch["text"][i], self.task)
-                rng = sample_rng(self.seed, batch["url"][i], int(batch["index"][i])) if self.preprocess == "random_crop" else None
+                rng = sample_rng(self.seed, batch["url"][i], int(batch["index"][i]), int(epochs[i])) if self.preprocess == "random_crop" else None
                 if self.task == "editing":
                     source = decode_image(batch["source"][i], res, self.preprocess, rng, "missing_edit_input")
                 image = decode_image(batch["image"][i], res, self.preprocess, rng)
@@ -158,6 +168,7 @@ class SampleDecoder:
             "key": np.asarray(batch["key"])[keep].astype(object),
             "url": np.asarray(batch["url"])[keep].astype(object),
             "index": np.asarray(batch["index"], dtype=np.int64)[keep],
+            "epoch": epochs[keep],
             "prompt": np.array(prompts, dtype=object),
             "image": np.stack(images) if images else np.zeros((0, res, res, 3), np.uint8),
         }

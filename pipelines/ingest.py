@@ -26,9 +26,10 @@ from typing import Callable
 
 from pipelines.decode import skip_counter
 from pipelines.mix import MixSource, TaskMixer, effective_weights
+from pipelines.order import Order, manifest_digest
 from pipelines.position import Position
 from pipelines.read import configure_data_context, source_dataset
-from pipelines.shards import read_manifest
+from pipelines.shards import join, read_manifest
 from unilip.config import DataConfig
 from unilip.s3 import S3Access
 
@@ -40,6 +41,8 @@ class SourcePlan:
     task: str
     weight: float
     samples: int
+    shards: list[list]  # [url, samples] per shard, in manifest order
+    digest: str  # of the manifest, as a resume checks it (`pipelines.order.manifest_digest`)
 
 
 @dataclass
@@ -58,7 +61,7 @@ class Sources:
 
 
 def plan_sources(cfg: DataConfig, s3: S3Access) -> dict[str, SourcePlan]:
-    """Each source's task, effective sampling weight and size, from the manifests."""
+    """Each source's task, effective sampling weight, size and shards, from the manifests."""
     if not cfg.sources:
         raise ValueError("the recipe lists no data sources")
     manifests = {s.name: read_manifest(s.uri, s3) for s in cfg.sources}
@@ -66,27 +69,77 @@ def plan_sources(cfg: DataConfig, s3: S3Access) -> dict[str, SourcePlan]:
         if manifests[s.name].task != s.task:
             raise ValueError(f"source {s.name!r} is declared {s.task} but {s.uri} holds {manifests[s.name].task} shards")
     weights = effective_weights(cfg.sources, {n: m.samples for n, m in manifests.items()})
-    return {s.name: SourcePlan(s.task, weights[s.name], manifests[s.name].samples) for s in cfg.sources}
+    plan = {}
+    for s in cfg.sources:
+        shards = [[join(s.uri, sh.path), sh.samples] for sh in manifests[s.name].shards]
+        plan[s.name] = SourcePlan(s.task, weights[s.name], manifests[s.name].samples, shards, manifest_digest(shards))
+    return plan
+
+
+def layout(plan: dict[str, SourcePlan]) -> dict[str, list[tuple[str, int]]]:
+    """The sources' shards, as `Position` lays out its record."""
+    return {name: [(u, n) for u, n in p.shards] for name, p in plan.items()}
+
+
+def fingerprint(cfg: DataConfig, plan: dict[str, SourcePlan]) -> dict:
+    """What a checkpoint's data position depends on: the manifests, and how they are ordered."""
+    return {
+        "order": {"seed": cfg.seed, "shuffle": cfg.shuffle, "shard_interleave": cfg.shard_interleave,
+                  "shuffle_buffer": cfg.shuffle_buffer},  # fmt: skip
+        "sources": {n: {"shards": len(p.shards), "samples": p.samples, "manifest": p.digest} for n, p in plan.items()},
+    }
+
+
+def check_resume(saved: dict | None, current: dict) -> list[str]:
+    """Compare a checkpoint's data fingerprint with the recipe's now: an error if the
+    sources or their manifests changed (the saved position names their samples), the
+    warnings to print if only the order settings did (each sample still comes once)."""
+    if not saved:
+        return []
+    before, now = saved["sources"], current["sources"]
+    if set(before) != set(now):
+        raise ValueError(f"the checkpoint's sources ({', '.join(sorted(before))}) are not the recipe's "
+                         f"({', '.join(sorted(now))}): resume with the same sources, or start a new run (--run-name)")  # fmt: skip
+    for name in sorted(now):
+        if before[name]["manifest"] != now[name]["manifest"]:
+            raise ValueError(f"source {name!r} changed since the checkpoint ({before[name]['shards']} shards, "
+                             f"{before[name]['samples']} samples then; {now[name]['shards']} shards, {now[name]['samples']} "
+                             f"samples now): the saved data position would not match it; resume with the data as it was, "
+                             f"or start a new run (--run-name)")  # fmt: skip
+    changed = [f"{k} {saved['order'][k]} -> {v}" for k, v in current["order"].items() if saved["order"].get(k) != v]
+    if changed:
+        return [f"the data order changed since the checkpoint ({', '.join(changed)}): every sample of the epoch "
+                f"still comes once, in another order than the run's"]  # fmt: skip
+    return []
 
 
 def build_sources(cfg: DataConfig, s3: S3Access, counter_name: str | None = None) -> Sources:
     """One decoded, streaming Dataset per source, with its effective sampling weight."""
-    configure_data_context(cfg.inflight_mb)  # bounded memory; deterministic order under a seed
+    configure_data_context(cfg.inflight_mb)  # bounded memory; a fixed order under a seed
     plan = plan_sources(cfg, s3)
     counter = skip_counter(counter_name)
-    datasets = {s.name: _dataset(cfg, s3, s, counter, None) for s in cfg.sources}
+    datasets = {s.name: _dataset(cfg, s3, s, counter) for s in cfg.sources}
     return Sources(datasets, plan, counter)
 
 
-def dataset_factories(cfg: DataConfig, s3: S3Access, counter, position: Callable[[], Position]) -> dict[str, Callable]:
+def dataset_factories(cfg: DataConfig, s3: S3Access, counter, position: Callable[[], Position | None]) -> dict[str, Callable]:
     """Ray Train dataset callables: NAME and NAME.rest per source. `position()` returns the
-    data position of the checkpoint the workers will resume from (empty for a new run)."""
+    data position of the checkpoint the workers will resume from (None for a new run):
+    NAME.rest is the rest of its epoch, NAME the epochs after it."""
 
     def whole(src):
-        return lambda: _dataset(cfg, s3, src, counter, None)
+        def build():
+            p = position()
+            return _dataset(cfg, s3, src, counter, first_epoch=p.epochs[src.name] + 1 if p else 0)
+
+        return build
 
     def rest(src):
-        return lambda: _dataset(cfg, s3, src, counter, position().done.get(src.name, {}))
+        def build():
+            p = position()
+            return _dataset(cfg, s3, src, counter, p.done(src.name) if p else None, p.epochs[src.name] if p else 0)
+
+        return build
 
     out = {}
     for src in cfg.sources:
@@ -94,17 +147,20 @@ def dataset_factories(cfg: DataConfig, s3: S3Access, counter, position: Callable
     return out
 
 
-def _dataset(cfg: DataConfig, s3: S3Access, src, counter, done):
+def _dataset(cfg: DataConfig, s3: S3Access, src, counter, done: dict | None = None, first_epoch: int = 0):
     configure_data_context(cfg.inflight_mb)  # runs where Ray Train builds the datasets
-    return source_dataset(src.uri, src.task, s3, cfg.resolution, counter, done=done, preprocess=cfg.preprocess, seed=cfg.seed)
+    return source_dataset(src.uri, src.task, s3, cfg.resolution, counter, done=done, preprocess=cfg.preprocess,
+                          order=Order.of(cfg), source=src.name, first_epoch=first_epoch)  # fmt: skip
 
 
 def worker_mixer(plan: dict[str, SourcePlan], iterators: dict, batch_size: int, mode: str, seed: int,
                  rank: int = 0, world: int = 1, accumulation: int = 1, rest: dict | None = None,
-                 state: dict | None = None, epochs: dict[str, int] | None = None, prefetch_batches: int = 2) -> TaskMixer:  # fmt: skip
+                 state: dict | None = None, epochs: dict[str, int] | None = None, local_shuffle: int = 0,
+                 prefetch_batches: int = 2) -> TaskMixer:  # fmt: skip
     """This worker's TaskMixer over its split iterators (DataIterator per source). With
     `rest` and `state` (a resume), each source first finishes its interrupted epoch (its
-    number in `epochs`) from `rest`.
+    number in `epochs`) from `rest`. `local_shuffle` > 0: Ray Data's buffer of that many
+    decoded rows per source on this worker, reseeded per epoch (`data.worker_shuffle_buffer`).
 
     Each source is read `accumulation + 2` micro batches ahead in a thread: more than any
     worker's lead over another in a source (at most one step's rows, `StepPlan`), so the
@@ -114,9 +170,10 @@ def worker_mixer(plan: dict[str, SourcePlan], iterators: dict, batch_size: int, 
     def epoch_factory(name):
         first = [rest[name]] if rest and state else []
 
-        def next_epoch():
+        def next_epoch(epoch: int):
             it = first.pop() if first else iterators[name]
-            return iter(it.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches))
+            shuffle = dict(local_shuffle_buffer_size=local_shuffle, local_shuffle_seed=seed_of(seed, name, epoch, rank)) if local_shuffle else {}
+            return iter(it.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches, **shuffle))
 
         return next_epoch
 
@@ -125,3 +182,10 @@ def worker_mixer(plan: dict[str, SourcePlan], iterators: dict, batch_size: int, 
     if state:
         mixer.load_state(state)
     return mixer
+
+
+def seed_of(*keys) -> int:
+    """A 32-bit seed from ints and strings, the same in every process."""
+    import zlib
+
+    return zlib.crc32(repr(keys).encode())

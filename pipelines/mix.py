@@ -30,8 +30,12 @@ the next epoch, every other worker is within the read-ahead of the end of its sp
 its thread reaches the barrier too, while its training loop runs on what it buffered.
 Nothing waits at an epoch boundary while another worker waits in a collective.
 
-Why not Ray Data's own mixing: `Dataset.mix` is block-granular and cannot cycle sources
-independently; `union` concatenates.
+Why not Ray Data's own mixing (Ray 2.60 has `Dataset.mix(weights=...)`): it interleaves
+whole blocks into one stream and ends when the shortest or the longest source ends, so
+a small source cannot cycle through its epochs while a large one runs (editing x10 in
+stage 2), a worker's split of the mix cannot be one task per micro batch, and the
+epoch of each source, which the exact resume needs, is no longer known. `union`
+concatenates.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ class MixSource:
     name: str
     task: str  # generation | editing
     weight: float  # proportion, or multiplier x size
-    batches: Callable[[], Iterator[dict]]  # a new epoch of numpy batches from this source
+    batches: Callable[[int], Iterator[dict]]  # epoch -> that epoch's numpy batches from this source
     prefetch: int = 0  # batches read ahead in a thread (0: read in the caller)
 
 
@@ -154,12 +158,17 @@ class StepPlan:
 
 
 def epoch_stream(source: MixSource, first_epoch: int) -> Iterator[tuple[int, dict]]:
-    """(epoch, batch) of one source without end, epoch after epoch."""
+    """(epoch, batch) of one source without end, epoch after epoch. The guard: rows that
+    say which epoch the datasource read them in must be in this one."""
     epoch = first_epoch
     while True:
         rows = 0
-        for batch in source.batches():
+        for batch in source.batches(epoch):
             if len(batch["key"]):
+                if "epoch" in batch and (batch["epoch"] != epoch).any():
+                    raise RuntimeError(f"data source {source.name!r}: the datasource read epoch "
+                                       f"{int(batch['epoch'][batch['epoch'] != epoch][0])} while training is in epoch {epoch}: "
+                                       f"Ray executed the dataset out of step with the trainer's epochs")  # fmt: skip
                 rows += len(batch["key"])
                 yield epoch, batch
         if not rows:
@@ -220,7 +229,7 @@ class _Cursor:
         return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}, np.array(epochs)
 
 
-COLUMNS = ("key", "prompt", "task", "image", "source", "url", "index", "origin", "epoch")
+COLUMNS = ("key", "prompt", "task", "image", "source", "url", "index", "origin", "epoch")  # epoch: of its source
 
 
 class TaskMixer:

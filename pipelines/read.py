@@ -1,25 +1,36 @@
 """Reading webdataset sources with Ray Data, from S3 or a local directory.
 
-    ds = source_dataset("s3://bucket/blip3o/pretrain-long", "generation", s3, resolution=448)
+    ds = source_dataset("s3://bucket/blip3o/pretrain-long", "generation", s3, resolution=448, order=Order(seed=0))
 
-The shard list comes from the source's manifest.json. Read tasks stream raw bytes
-(`ShardDatasource`, no decoding); `map_batches` decodes (`SampleDecoder`), drops bad
-samples and counts them. Nothing is written to local disk.
+The shard list comes from the source's manifest.json. Read tasks stream raw bytes in
+the epoch's shuffled order (`ShardDatasource`, `pipelines.order`; no decoding);
+`map_batches` decodes (`SampleDecoder`), drops bad samples and counts them. Nothing is
+written to local disk.
 """
 
 from __future__ import annotations
 
+from pipelines.order import Order
 from pipelines.shards import join, read_manifest
 from unilip.config import DataConfig
 from unilip.s3 import S3Access
 
 
+# Ray Data merges the tables a task yields into blocks of up to this size (128 MB by
+# default): a read task interleaving 16 shards would hand over its whole output as one
+# block, and its decoder one more, each past the in-flight budget on its own.
+BLOCK_BYTES = 8 * 2**20
+
+
 def configure_data_context(inflight_mb: int | None = DataConfig.inflight_mb, preserve_order: bool = True) -> None:
-    """Ray Data settings for ingest: a fixed order (a seed fixes the sample order) and a
-    cap on the object-store bytes in flight (None: Ray Data's own share of the store)."""
+    """Ray Data settings for ingest: blocks in the order the read plan emits them (with
+    the seed, the order of samples is fixed), blocks of at most BLOCK_BYTES, and a cap on
+    the object-store bytes in flight (None: Ray Data's own share of the store)."""
     import ray.data
 
-    options = ray.data.DataContext.get_current().execution_options
+    context = ray.data.DataContext.get_current()
+    context.target_max_block_size = BLOCK_BYTES
+    options = context.execution_options
     if inflight_mb is not None:
         options.resource_limits = options.resource_limits.copy(object_store_memory=inflight_mb * 2**20)
     options.preserve_order = preserve_order
@@ -30,29 +41,31 @@ def shard_uris(uri: str, s3: S3Access) -> list[str]:
     return [join(uri, shard.path) for shard in read_manifest(uri, s3).shards]
 
 
-def raw_dataset(uri: str, task: str, s3: S3Access, counter=None, done: dict | None = None):
-    """Raw rows (key, url, index, text, image[, source], skip) that survive bad shards and
-    storage faults. `done` ({url: Intervals}): samples already consumed this epoch, left out;
-    shards consumed whole are not opened."""
+def raw_dataset(uri: str, task: str, s3: S3Access, counter=None, done: dict | None = None, order: Order = Order(),
+                source: str | None = None, first_epoch: int = 0):  # fmt: skip
+    """Raw rows (key, url, index, epoch, text, image[, source], skip) that survive bad
+    shards and storage faults, in the order of `order` from `first_epoch` on (one epoch per
+    execution; `source` names the source in the order's seed, default the uri). `done`
+    ({url: Intervals}): samples already consumed in `first_epoch`, left out."""
     import ray.data
 
     from pipelines.shard_source import ShardDatasource
 
-    done = done or {}
     shards = [(join(uri, s.path), s.samples) for s in read_manifest(uri, s3).shards]
-    uris = [u for u, n in shards if not (u in done and done[u].covers(n))]
-    source = ShardDatasource(uris, task, s3, counter=counter, done=done)
-    return ray.data.read_datasource(source, override_num_blocks=max(1, len(uris)))
+    datasource = ShardDatasource(shards, task, s3, source or uri, order, first_epoch, counter=counter, done=done)
+    return ray.data.read_datasource(datasource, override_num_blocks=max(1, len(datasource.groups(first_epoch))))
 
 
 def source_dataset(uri: str, task: str, s3: S3Access, resolution: int, counter=None, batch_size: int = 32,
-                   concurrency: int | None = None, done: dict | None = None, preprocess: str = "squash", seed: int = 0):  # fmt: skip
-    """Decoded rows (key, url, index, prompt, image[, source]) of one source, framed by
-    `preprocess` (random crops seeded by `seed`); bad samples dropped and counted by reason
-    in `counter` (a SkipCounter), which also counts `storage_retries`. `done`: see `raw_dataset`."""
+                   concurrency: int | None = None, done: dict | None = None, preprocess: str = "squash",
+                   order: Order = Order(), source: str | None = None, first_epoch: int = 0):  # fmt: skip
+    """Decoded rows (key, url, index, epoch, prompt, image[, source]) of one source, framed
+    by `preprocess` (random crops seeded by `order.seed` and the epoch); bad samples
+    dropped and counted by reason in `counter` (a SkipCounter), which also counts
+    `storage_retries`. `done`, `order`, `source`, `first_epoch`: see `raw_dataset`."""
     from pipelines.decode import SampleDecoder
 
-    return raw_dataset(uri, task, s3, counter, done).map_batches(
-        SampleDecoder(task, resolution, counter, preprocess, seed), batch_size=batch_size, batch_format="numpy",
+    return raw_dataset(uri, task, s3, counter, done, order, source, first_epoch).map_batches(
+        SampleDecoder(task, resolution, counter, preprocess, order.seed), batch_size=batch_size, batch_format="numpy",
         concurrency=concurrency,
     )

@@ -1,7 +1,7 @@
 """A Ray Data datasource for webdataset shards that survives bad shards and flaky storage.
 
 Each read task streams its shards (S3 or local, through the project's S3 access point)
-with bounded memory: 8 MB range reads, tar parsed as a stream, samples grouped by key.
+with bounded memory: 4 MB range reads, tar parsed as a stream, samples grouped by key.
 Raw bytes only: decoding happens later, in `map_batches`.
 
 Failure handling, per shard:
@@ -12,7 +12,7 @@ Failure handling, per shard:
   or "truncated_tar" reports the rest.
 
 Rows have a fixed schema per task: `key`, `url`, `index` (position in the shard),
-`text` (raw bytes), `image` (the
+`epoch` (of the source, as the datasource read it), `text` (raw bytes), `image` (the
 generation image, or the edit target `output.jpg`), `source` (edit input, editing
 only) and `skip` (empty, or the reason a row must be dropped).
 """
@@ -26,8 +26,10 @@ import time
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
+from pipelines.order import Order, interleave_width, read_plan, shard_groups, shard_order
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-READ_BLOCK_BYTES = 8 * 1024 * 1024
+READ_BLOCK_BYTES = 4 * 1024 * 1024  # per open shard; a read task opens up to data.shard_interleave
 
 
 class ResilientReader(io.RawIOBase):
@@ -144,55 +146,109 @@ def read_shard(fs, path: str, url: str, task: str, attempts: int = 8, stats: dic
 def _schema(task: str):
     import pyarrow as pa
 
-    fields = [("key", pa.string()), ("url", pa.string()), ("index", pa.int32()), ("text", pa.binary()),
-              ("skip", pa.string()), ("image", pa.binary())]  # fmt: skip
+    fields = [("key", pa.string()), ("url", pa.string()), ("index", pa.int32()), ("epoch", pa.int32()),
+              ("text", pa.binary()), ("skip", pa.string()), ("image", pa.binary())]  # fmt: skip
     if task == "editing":
         fields.append(("source", pa.binary()))
     return pa.schema(fields)
 
 
 class ShardDatasource(Datasource):
-    """Ray Data read tasks over a list of shard URIs (one task per contiguous group of shards).
+    """Ray Data read tasks over a source's shards in the epoch's order (`pipelines.order`):
+    the shards permuted per epoch, each read task reading `order.interleave` of them
+    interleaved, its samples emitted through a shuffle window of `order.window`.
 
-    `done` ({url: Intervals}) holds samples consumed before a resume: they are passed over."""
+    The epoch is `first_epoch` plus the times Ray has re-executed this dataset (one
+    execution per epoch: streaming_split's coordinator re-runs it, as does iterating it
+    again); every row carries it, and the trainer checks it against its own count.
+    `done` ({url: Intervals}) holds samples consumed before a resume: they are passed
+    over, the order of the rest unchanged; shards consumed whole are not opened.
 
-    def __init__(self, uris: list[str], task: str, s3, rows_per_block: int = 16, attempts: int = 8, counter=None,
+    Memory per active read task: up to `order.interleave` open shards with a
+    READ_BLOCK_BYTES buffer each, plus at most `order.window` raw (undecoded) samples."""
+
+    def __init__(self, shards: list[tuple[str, int]], task: str, s3, source: str, order: Order = Order(),
+                 first_epoch: int = 0, rows_per_block: int = 16, attempts: int = 8, counter=None,
                  done: dict | None = None):  # fmt: skip
         if task not in ("generation", "editing"):
             raise ValueError(f"task must be 'generation' or 'editing', got {task!r}")
-        self.uris, self.task, self.s3 = list(uris), task, s3
+        self.shards, self.task, self.s3, self.source = list(shards), task, s3, source
+        self.order, self.first_epoch = order, first_epoch
         self.rows_per_block, self.attempts, self.counter = rows_per_block, attempts, counter
         self.done = done or {}
 
     def estimate_inmemory_data_size(self):
         return None
 
-    def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-        n = max(1, min(parallelism if parallelism > 0 else len(self.uris), len(self.uris)))
-        bounds = [len(self.uris) * i // n for i in range(n + 1)]
-        groups = [self.uris[a:b] for a, b in zip(bounds, bounds[1:])]
-        meta = lambda g: BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=tuple(g))  # noqa: E731
-        return [ReadTask(self._reader(g), meta(g), schema=_schema(self.task)) for g in groups]
+    def epoch(self, data_context) -> int:
+        return self.first_epoch + (data_context._execution_idx if data_context is not None else 0)
 
-    def _reader(self, uris: list[str]):
+    def groups(self, epoch: int) -> list[tuple[int, list[tuple[str, int]]]]:
+        """The epoch's read tasks: (index, group of (url, samples)), leaving out groups
+        consumed whole before a resume (the indices, which seed each group, stay put)."""
+        o = self.order
+        perm = shard_order(o.seed, self.source, epoch, len(self.shards), o.shuffle)
+        groups = [[self.shards[i] for i in g] for g in shard_groups(perm, interleave_width(o.interleave, len(self.shards)))]
+        return [(k, g) for k, g in enumerate(groups) if not all(u in self.done and self.done[u].covers(n) for u, n in g)]
+
+    def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+        epoch = self.epoch(data_context)
+        meta = lambda g: BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=tuple(u for u, _ in g))  # noqa: E731
+        return [ReadTask(self._reader(g, epoch, k), meta(g), schema=_schema(self.task)) for k, g in self.groups(epoch)]
+
+    def _reader(self, group: list[tuple[str, int]], epoch: int, k: int):
         s3, task, rows_per_block, attempts, counter = self.s3, self.task, self.rows_per_block, self.attempts, self.counter
-        done = {u: self.done[u] for u in uris if u in self.done}
+        order, source = self.order, self.source
+        done = {u: self.done[u] for u, _ in group if u in self.done}
 
         def read():
             import pyarrow as pa
 
             schema = _schema(task)
+            shard_of, index_of = read_plan(order.seed, source, epoch, k, [n for _, n in group], order.window, order.shuffle)
+            streams: list = [None] * len(group)
+            waiting: list[dict[int, dict]] = [{} for _ in group]  # read, not yet emitted: at most a window
+            ended = [False] * len(group)
+            stats: dict = {}
             rows: list[dict] = []
-            for uri in uris:
-                fs, path = s3.resolve(uri)
-                stats: dict = {}
-                for row in read_shard(fs, path, uri, task, attempts, stats, done.get(uri, ())):
-                    rows.append(row)
-                    if len(rows) >= rows_per_block:
-                        yield pa.Table.from_pylist(rows, schema=schema)
-                        rows = []
-                if stats and counter is not None:
-                    counter.add.remote(stats)
+
+            def emit(row):
+                row["epoch"] = epoch
+                rows.append(row)
+
+            def advance(j: int, i: int) -> dict | None:
+                """Shard j front to back until its sample i; None if the shard ends first."""
+                if streams[j] is None:
+                    fs, path = s3.resolve(group[j][0])
+                    streams[j] = read_shard(fs, path, group[j][0], task, attempts, stats, done.get(group[j][0], ()))
+                for r in streams[j]:
+                    if r["index"] < 0:  # the shard broke off: report it once; its rest is gone
+                        emit(r)
+                        break
+                    if r["index"] == i:
+                        if i == group[j][1] - 1:
+                            streams[j].close()  # the shard's last sample: let its buffers go
+                        return r
+                    waiting[j][r["index"]] = r
+                ended[j] = True
+                return None
+
+            for j, i in zip(shard_of.tolist(), index_of.tolist()):
+                if i in done.get(group[j][0], ()):
+                    continue
+                row = waiting[j].pop(i, None)
+                if row is None and not ended[j]:
+                    row = advance(j, i)
+                if row is not None:
+                    emit(row)
+                if len(rows) >= rows_per_block:
+                    yield pa.Table.from_pylist(rows, schema=schema)
+                    rows = []
+            for stream in streams:
+                if stream is not None:
+                    stream.close()  # reports its storage retries into `stats`
+            if stats and counter is not None:
+                counter.add.remote(stats)
             if rows:
                 yield pa.Table.from_pylist(rows, schema=schema)
 

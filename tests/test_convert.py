@@ -38,7 +38,7 @@ def test_gpt_image_edit_layout(tmp_path, ray_session):
     logs = []
     manifests = convert("gpt-image-edit", str(src), str(out), s3, shard_size=3, log=logs.append)
     assert manifests["editing"].samples == 7 and len(manifests["editing"].shards) == 3
-    assert "not_single_turn" in logs[-1] and "missing_image" in logs[-1]
+    assert "not_single_turn" in logs[-1] and "missing_edit_input" in logs[-1]  # the input image is the missing one
     rows = source_dataset(str(out), "editing", s3, 56).take_all()
     assert len(rows) == 7 and all(r["prompt"].startswith("Edit the image: Make it green") for r in rows)
     first = next(r for r in rows if r["key"] == "hqedit-3")  # input red-ish, output green-ish
@@ -137,3 +137,24 @@ def test_every_recipe_plans_against_what_the_converters_write(tmp_path, stack, s
     stage3 = plan_sources(load_recipe("gen-stage3").data, s3)
     assert {n: p.task for n, p in stage3.items()} == {"blip3o-60k": "generation", "sharegpt-4o-t2i": "generation",
                                                       "sharegpt-4o-image": "editing"}  # fmt: skip
+
+
+def test_wds_conversion_keeps_only_what_training_uses_and_counts_it_as_training_does(tmp_path, ray_session):
+    s3 = s3_access()
+    src = tmp_path / "bad-wds"
+    tiny = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(tiny, format="PNG")
+    with ShardWriter(str(src), s3, "mixed", "generation") as w:
+        w.write("good", {"jpg": _jpeg(), "txt": b"a black square"})
+        w.write("blank", {"jpg": _jpeg(), "txt": b"   \n\t "})
+        w.write("latin1", {"jpg": _jpeg(), "txt": b"caf\xe9 au lait"})
+        w.write("tiny", {"png": tiny.getvalue(), "txt": b"a 2x2 image"})
+        w.write("mute", {"jpg": _jpeg()})
+        w.write("long", {"jpg": _jpeg(), "txt": b"x" * 1001})
+    logs = []
+    manifest = convert("wds", str(src), str(tmp_path / "out"), s3, shard_size=10, log=logs.append)["generation"]
+    assert manifest.samples == 1
+    for reason in ("empty_text", "bad_text", "image_too_small", "missing_text", "caption_too_long"):
+        assert f"'{reason}': 1" in logs[-1], (reason, logs[-1])
+    rows = source_dataset(str(tmp_path / "out"), "generation", s3, 56).take_all()
+    assert [r["key"] for r in rows] == ["good"]  # and training reads all of it

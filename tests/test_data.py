@@ -15,11 +15,14 @@ from PIL import Image
 from pipelines.decode import frame, sample_rng, skip_counter
 from pipelines.ingest import build_sources, worker_mixer
 from pipelines.mix import MixSource, StepPlan, TaskMixer, collate, effective_weights
+from pipelines.order import Order
 from pipelines.position import Intervals
-from pipelines.read import source_dataset
+from pipelines.read import configure_data_context, raw_dataset, source_dataset
 from pipelines.sample_data import build_sample_dataset, generation_sample, editing_sample
 from pipelines.shards import Manifest, ShardInfo, ShardWriter, join
+from tests.conftest import run_cli
 from unilip.config import DataConfig, SourceConfig
+from unilip.s3 import s3_access
 
 
 def _jpeg(size, color=(200, 30, 30)) -> bytes:
@@ -123,7 +126,7 @@ def test_reconstruction_crops_and_flips_are_seeded_per_sample_and_survive_a_resu
     gen = join(uri, "generation")
 
     def rows(seed, done=None):
-        ds = source_dataset(gen, "generation", s3, 112, preprocess="random_crop", seed=seed, done=done)
+        ds = source_dataset(gen, "generation", s3, 112, preprocess="random_crop", order=Order(seed=seed), done=done)
         return {r["key"]: (r["url"], r["index"], r["image"]) for r in ds.take_all()}
 
     first = rows(seed=5)
@@ -141,6 +144,39 @@ def test_reconstruction_crops_and_flips_are_seeded_per_sample_and_survive_a_resu
     assert all(np.array_equal(rest[k][2], first[k][2]) for k in rest)
     other = rows(seed=6)
     assert sum(not np.array_equal(other[k][2], first[k][2]) for k in first) >= 6  # another seed, other crops
+
+
+def test_every_epoch_and_seed_has_its_own_order_and_a_resume_keeps_it(stack, s3, ray_session):
+    uri = f"s3://{stack.bucket}/order"
+    build_sample_dataset(uri, s3, 48, 0, shard_size=2, size=64, log=lambda m: None)  # 24 shards
+    gen = join(uri, "generation")
+    configure_data_context(None)  # as training sets it: blocks in the read plan's order
+
+    def epochs(order, n=1, first_epoch=0, done=None):
+        ds = raw_dataset(gen, "generation", s3, order=order, source="gen", first_epoch=first_epoch, done=done)
+        out = []
+        for _ in range(n):  # each iteration is the next epoch
+            rows = [(u, int(i), int(e)) for b in ds.iter_batches(batch_format="numpy") for u, i, e in zip(b["url"], b["index"], b["epoch"])]
+            out.append(rows)
+        return out
+
+    def same_shard(rows):
+        return np.mean([a[0] == b[0] for a, b in zip(rows, rows[1:])])
+
+    first, second = epochs(Order(seed=0), n=2)
+    assert [e for *_, e in first] == [0] * 48 and [e for *_, e in second] == [1] * 48
+    assert sorted(r[:2] for r in first) == sorted(r[:2] for r in second) and len(set(first)) == 48  # each once
+    assert [r[:2] for r in first] != [r[:2] for r in second]  # a new order each epoch
+    assert epochs(Order(seed=0))[0] == first  # the same seed: the same order
+    assert [r[:2] for r in epochs(Order(seed=1))[0]] != [r[:2] for r in first]
+    plain = epochs(Order(shuffle=False))[0]
+    assert same_shard(plain) > 0.45 and same_shard(first) <= 0.25, (same_shard(plain), same_shard(first))
+    # a resume: the epoch's first 20 samples were trained on; the rest comes in the epoch's order
+    done = {}
+    for u, i, _ in first[:20]:
+        done.setdefault(u, []).append((i, i + 1))
+    rest = epochs(Order(seed=0), done={u: Intervals(r) for u, r in done.items()})[0]
+    assert rest == first[20:]
 
 
 def test_framing_squash_center_and_random_crop():
@@ -164,7 +200,7 @@ def test_framing_squash_center_and_random_crop():
 
 
 def _fake_source(name, task, size, weight):
-    def epoch():
+    def epoch(_):
         for start in range(0, size, 50):
             keys = np.array([f"{name}-{i}" for i in range(start, min(size, start + 50))], dtype=object)
             yield {"key": keys, "prompt": keys, "image": np.zeros((len(keys), 2, 2, 3), np.uint8),
@@ -297,6 +333,25 @@ def test_two_workers_mixing_tasks_cross_many_epochs_without_deadlock(stack, s3, 
         assert len(by_epoch[origin, epoch]) == {"gen": 40, "edit": 12}[origin], (origin, epoch)
 
 
+def test_the_worker_shuffle_buffer_reorders_each_epoch_and_keeps_every_sample_once(stack, s3, ray_session):
+    uri = f"s3://{stack.bucket}/local-shuffle"
+    build_sample_dataset(uri, s3, 16, 0, shard_size=4, size=64, log=lambda m: None)
+    cfg = DataConfig(resolution=56, sources=[SourceConfig("gen", join(uri, "generation"), "generation", 1.0)])
+    sources = build_sources(cfg, s3)
+
+    def keys(local_shuffle, steps=8):  # two epochs of 16 samples
+        split = sources.datasets["gen"].streaming_split(1, equal=True)[0]
+        mixer = worker_mixer(sources.plan, {"gen": split}, batch_size=4, mode="single_task", seed=3, local_shuffle=local_shuffle)
+        batches = [mixer.next_batch() for _ in range(steps)]
+        return [[k for b in batches[e * 4:(e + 1) * 4] for k in b["key"]] for e in (0, 1)]
+
+    plain, shuffled = keys(0), keys(8)
+    assert all(sorted(epoch) == sorted(plain[0]) and len(set(epoch)) == 16 for epoch in plain + shuffled)
+    assert shuffled[0] != plain[0] and shuffled[1] != plain[1]  # reordered on the worker
+    assert shuffled[0] != shuffled[1]  # reseeded per epoch
+    assert keys(8) == shuffled  # the same seed: the same order
+
+
 def test_storage_outage_mid_stream_loses_nothing(stack, s3, ray_session):
     uri = f"s3://{stack.bucket}/outage"
     build_sample_dataset(uri, s3, 48, 0, shard_size=4, size=512, log=lambda m: None)
@@ -335,3 +390,24 @@ def test_storage_outage_mid_stream_loses_nothing(stack, s3, ray_session):
     assert sorted(keys) == [f"gen{i:08d}" for i in range(48)]  # nothing lost, nothing twice
     # reads were still under way: batches kept arriving after the server came back
     assert sum(1 for _, seen in arrivals if seen == ["down", "up"]) >= 3
+
+
+def test_the_trainer_refuses_rows_of_another_epoch_than_its_own():
+    def batches(epoch):  # a datasource that restarts at epoch 0 whatever the trainer expects
+        yield {"key": np.array(["a", "b"], dtype=object), "prompt": np.array(["p", "p"], dtype=object),
+               "image": np.zeros((2, 2, 2, 3), np.uint8), "url": np.array(["u", "u"], dtype=object),
+               "index": np.arange(2), "epoch": np.zeros(2, np.int64)}  # fmt: skip
+
+    mixer = TaskMixer([MixSource("gen", "generation", 1.0, batches)], 2)
+    assert list(mixer.next_batch()["key"]) == ["a", "b"]  # epoch 0: as expected
+    with pytest.raises(RuntimeError, match="'gen': the datasource read epoch 0 while training is in epoch 1"):
+        mixer.next_batch()
+
+
+def test_data_bench_times_both_orders_side_by_side(tmp_path):
+    build_sample_dataset(str(tmp_path), s3_access(), 24, 0, shard_size=2, size=96, log=lambda m: None)
+    r = run_cli("data", "bench", "--src", str(tmp_path / "generation"), "--resolution", "56")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "24 images at 56 px" in r.stdout
+    ratios = r.stdout.split("shuffled / manifest order:")[1].split("x")[0]
+    assert float(ratios) > 0 and "Ray shuffled" in r.stdout, r.stdout

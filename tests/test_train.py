@@ -1,8 +1,8 @@
 """Training jobs on the embedded stack: Ray Train + DeepSpeed (gloo), moto S3, sqlite MLflow.
 
 Every recipe's tiny variant runs through `unilip train all` (ZeRO-2, bf16 as shipped); one
-run, under ZeRO-3, loses a worker mid-run and resumes; one finished run is restarted with
-more steps."""
+run, under ZeRO-3, loses a worker twice in one shuffled epoch and resumes; one finished
+run is restarted with more steps and other order settings."""
 
 import json
 import math
@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from jobs.fid import inception_network
 from jobs.recipes import chain
 from jobs.train import EXPERIMENT
-from pipelines.shards import join, read_manifest
+from pipelines.sample_data import build_sample_dataset
+from pipelines.shards import read_manifest
 from tests.conftest import run_cli
 from unilip.artifacts import fetch_model
 from unilip.model import UniLIP
@@ -90,42 +91,54 @@ def test_train_all_runs_every_stage_and_exports_a_generating_model(stack, s3, tr
     assert isinstance(image, Image.Image) and image.size == (448, 448)
 
 
-def test_restarted_run_continues_its_mlflow_run_and_step_count(trained_chain):
+def test_restarted_run_continues_its_mlflow_run_and_step_count(stack, sample, trained_chain):
     before = mlflow_run("gen-stage3-tiny")
-    logs = train("gen-stage3", "--set", "train.steps=8")
+    logs = train("gen-stage3", "--set", "train.steps=8", "--set", "data.shuffle_buffer=7")
     assert "resumed from step 6" in logs
+    assert "warning: the data order changed since the checkpoint (shuffle_buffer 1000 -> 7)" in logs
     after = mlflow_run("gen-stage3-tiny")  # still exactly one run of that name
     assert after.info.run_id == before.info.run_id
     assert loss_steps(after) == list(range(1, 9))
+    # other data under a source's name: the saved position would not match it; refused before any worker starts
+    other = run_cli("train", "gen-stage3", "--preset", "tiny", "--set", "train.steps=10",
+                    "--set", f"data.sources.0.uri={sample}/sample-eval/generation")  # fmt: skip
+    assert other.returncode == 2 and "source 'sample-generation' changed since the checkpoint" in other.stderr, other.stderr[-2000:]
 
 
-def test_worker_killed_mid_run_resumes_with_every_sample_once_under_zero3(stack, s3, sample, tmp_path):
+def test_worker_killed_twice_in_a_shuffled_epoch_resumes_with_every_sample_once_under_zero3(stack, s3, sample, tmp_path):
     # rFID plumbing: FID Inception weights (random here: none can be downloaded) on S3.
     torch.manual_seed(0)
     weights = tmp_path / "inception.safetensors"
     save_file({k: v.contiguous() for k, v in inception_network().state_dict().items()}, str(weights))
     s3.put_bytes(f"{sample}/weights/inception.safetensors", weights.read_bytes())
-    # 8 steps x global batch 4 = 32 samples: exactly one epoch of the generation source.
-    logs = train("recon-stage1", "--run-name", "kill", "--set", "train.zero_stage=3", "--set", "train.steps=8",
-                 "--set", "train.checkpoint_every=2",
-                 "--set", "train.fault_step=5", "--set", "train.record_samples=true", "--set", "train.eval_every=4",
+    # 48 samples in 24 shards, read in the shipped (shuffled) order; 12 steps x global
+    # batch 4 = one epoch; a worker dies at steps 5 and 9 of it
+    build_sample_dataset(f"{sample}/many", s3, 48, 0, shard_size=2, size=64, log=lambda m: None)
+    logs = train("recon-stage1", "--run-name", "kill", "--set", "train.zero_stage=3", "--set", "train.steps=12",
+                 "--set", "train.checkpoint_every=2", "--set", f"data.sources.0.uri={sample}/many/generation",
+                 "--set", "train.fault_steps=[5, 9]", "--set", "train.record_samples=true", "--set", "train.eval_every=4",
                  "--set", f"data.fid_weights={sample}/weights/inception.safetensors")  # fmt: skip
-    assert "SIGKILL at step 5" in logs
-    # Ray Train registers a reported checkpoint asynchronously: a failure right after the
-    # step-4 report may leave step 2 as the newest registered one. Either is a correct resume.
-    resumed = re.search(r"resumed from step (\d+)", logs)
-    assert resumed and int(resumed.group(1)) in (2, 4), logs[-6000:]
+    assert "SIGKILL at step 5" in logs and "SIGKILL at step 9" in logs
+    # Ray Train registers a reported checkpoint asynchronously: a failure right after a
+    # report may leave the one before it as the newest registered. Either is a correct resume.
+    resumed = [int(n) for n in re.findall(r"resumed from step (\d+)", logs)]
+    assert len(resumed) == 2 and resumed[0] in (2, 4) and resumed[1] in (6, 8), logs[-6000:]
     runs = f"s3://{stack.bucket}/runs/kill"
     records = s3.list_keys(f"{runs}/samples/")
     steps = sorted({k.rsplit("/", 1)[1].split("-rank")[0] for k in records})
-    assert steps == [f"step-{i:08d}" for i in range(1, 9)]  # the right number of steps, each recorded once
-    keys = [key for k in records for key in json.loads(s3.get_bytes(k))]
-    manifest = read_manifest(join(f"{sample}/sample", "generation"), s3)
+    assert steps == [f"step-{i:08d}" for i in range(1, 13)]  # the right number of steps, each recorded once
+    per_rank = {r: [key for k in sorted(records) if k.endswith(f"-rank-{r}.json") for key in json.loads(s3.get_bytes(k))]
+                for r in (0, 1)}  # fmt: skip
+    keys = per_rank[0] + per_rank[1]
+    manifest = read_manifest(f"{sample}/many/generation", s3)
     assert len(keys) == len(set(keys)) == manifest.samples  # no repeats, no gaps
-    assert checkpoints(s3, runs) == ["step-00000006", "step-00000008"]  # the newest two kept
+    # shuffled: consecutive samples of a worker rarely share a shard (about 0.5 in manifest order)
+    pairs = [(a.split("#")[0], b.split("#")[0]) for r in (0, 1) for a, b in zip(per_rank[r], per_rank[r][1:])]
+    assert sum(a == b for a, b in pairs) / len(pairs) <= 0.45
+    assert checkpoints(s3, runs) == ["step-00000010", "step-00000012"]  # the newest two kept
     # MLflow: one run, continued after the failure, with metrics, eval images and the model.
     run = mlflow_run("kill")
-    assert loss_steps(run) == list(range(1, 9))
+    assert loss_steps(run) == list(range(1, 13))
     assert run.data.params["train.trainable"] == "['down_proj', 'pixel_decoder']"
     assert run.data.params["train.zero_stage"] == "3" and run.data.params["train.precision"] == "bf16"
     assert {"eval/psnr", "eval/ssim", "eval/rfid"} <= set(run.data.metrics)
@@ -135,5 +148,6 @@ def test_worker_killed_mid_run_resumes_with_every_sample_once_under_zero3(stack,
     assert {"down_proj", "pixel_decoder"} <= model.trained_parts
 
     # The same run name again: a finished, exported run is not trained or exported twice.
-    again = train("recon-stage1", "--run-name", "kill", "--set", "train.zero_stage=3", "--set", "train.steps=8")
+    again = train("recon-stage1", "--run-name", "kill", "--set", "train.zero_stage=3", "--set", "train.steps=12",
+                  "--set", f"data.sources.0.uri={sample}/many/generation")  # fmt: skip
     assert "already finished and exported" in again

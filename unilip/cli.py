@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--task", choices=["generation", "editing"], default="generation", help="task of --from wds tars")
     p.set_defaults(func=_data_convert)
-    p = data.add_parser("bench", help="images/s S3 -> tensors: Ray pipeline vs a plain single-process loop")
+    p = data.add_parser("bench", help="images/s S3 -> tensors: Ray pipeline (manifest order and shuffled) vs a plain single-process loop")
     p.add_argument("--src", required=True, help="a source (directory or s3:// prefix with manifest.json)")
     p.add_argument("--resolution", type=int, default=448)
     p.add_argument("--inflight-mb", type=int, default=DataConfig.inflight_mb,
