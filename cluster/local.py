@@ -19,6 +19,7 @@ runs in sqlite and proxies artifacts to the bucket (or a local directory).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -72,10 +73,32 @@ def default_home() -> Path:
     return Path(os.environ.get("UNILIP_HOME") or Path.home() / ".unilip")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A free loopback port for a service to bind, below the kernel's ephemeral range and
+    above Ray's worker ports (10002-19999). A port the kernel picked (bind to port 0) could
+    be picked again for another process's bind to 0 before the service binds it: one of
+    Ray's gRPC servers once took MLflow's port while MLflow was starting. Never the same
+    port twice in one process."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        if low - 20000 >= 1000:
+            port = random.randrange(20000, low)
+        else:  # no room below the ephemeral range: let the kernel pick
+            with socket.socket() as s:
+                s.bind((HOST, 0))
+                port = s.getsockname()[1]
+        if port not in _HANDED_OUT and _port_free(port):
+            _HANDED_OUT.add(port)
+            return port
+    raise StackError(f"no free port on {HOST}")
 
 
 def pid_alive(pid: int) -> bool:
@@ -451,7 +474,7 @@ def _http_ok(url: str) -> bool:
     try:
         with _DIRECT.open(url, timeout=2) as resp:
             return resp.status == 200
-    except OSError:
+    except (OSError, http.client.HTTPException):  # not up yet, or not HTTP on that port
         return False
 
 
