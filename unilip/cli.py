@@ -6,6 +6,7 @@
     unilip recipe list
     unilip recipe show gen-stage2 --set train.lr=2e-4
     unilip plan gen-stage2 --gpus 16 --gpu a100-80g
+    unilip model summary --preset unilip-1b
     unilip submit recon-stage1 --preset unilip-1b --workers 4 --gpu --address http://HEAD:8265 --follow
     unilip jobs list|status|logs|stop [JOB_ID] --address http://HEAD:8265
     unilip demo
@@ -190,10 +191,17 @@ def _plan(args) -> int:
     return 0
 
 
-def _model_init(args) -> int:
+def _model(args) -> int:
+    if args.action == "summary":
+        from unilip.summary import format_summary, parameter_summary
+
+        print(format_summary(args.preset, parameter_summary(args.preset)))
+        return 0
     from unilip.config import ModelConfig, apply_overrides
     from unilip.model import UniLIP
 
+    if not args.out:
+        raise ValueError("model init needs --out DIR (the model directory to write)")
     cfg = apply_overrides(ModelConfig(preset=args.preset), args.set)
     out = UniLIP.from_preset(args.preset, cfg).save_pretrained(args.out)
     print(f"wrote an untrained {args.preset} model to {out}")
@@ -384,12 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2, help="sampling steps per image (default 2)")
     p.set_defaults(func=_serve_bench)
 
-    p = sub.add_parser("model", help="model directories: create one from a preset")
-    p.add_argument("action", choices=["init"])
+    p = sub.add_parser("model", help="models: create a model directory from a preset (init), or count a preset's parameters (summary)")
+    p.add_argument("action", choices=["init", "summary"])
     p.add_argument("--preset", default="tiny", help="tiny | unilip-1b | unilip-3b")
-    p.add_argument("--out", required=True, help="model directory to write")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a ModelConfig field")
-    p.set_defaults(func=_model_init)
+    p.add_argument("--out", help="model directory to write (init)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a ModelConfig field (init), e.g. init=random")  # fmt: skip
+    p.set_defaults(func=_model)
 
     for name, text in (("generate", "text -> images"), ("edit", "image + instruction -> edited image")):
         p = sub.add_parser(name, help=f"{text} (PNG files)")

@@ -40,6 +40,8 @@ class S3Config:
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # name in the preset registry: tiny | unilip-1b | unilip-3b
+    # pretrained: the preset's published weights; random: its architecture, random weights (no download)
+    init: Literal["pretrained", "random"] = "pretrained"
     num_queries: int = 256  # learnable query tokens appended after <img>
     condition: Literal["hidden", "queries", "both"] = "both"  # paper Table 7 ablation
     connector_layers: int = 6  # initialised from the LLM's last layers

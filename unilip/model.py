@@ -76,7 +76,7 @@ class UniLIP(nn.Module):
     @classmethod
     def from_preset(cls, preset: str = "tiny", cfg: ModelConfig | None = None, teacher: bool = False) -> UniLIP:
         cfg = cfg or ModelConfig(preset=preset)
-        return cls(build_parts(preset), cfg, teacher)
+        return cls(build_parts(preset, cfg.init), cfg, teacher)
 
     def components(self) -> dict[str, nn.Module | nn.Parameter]:
         g = self.generator
@@ -300,9 +300,13 @@ class UniLIP(nn.Module):
         if config.get("format") != "unilip" or config.get("version") != FORMAT_VERSION:
             raise ValueError(f"{model_dir}: unsupported checkpoint format {config.get('format')!r} v{config.get('version')} "
                              f"(this version reads v{FORMAT_VERSION})")
-        cfg = cfg or from_dict(ModelConfig, config["model"])
+        saved = from_dict(ModelConfig, config["model"])
+        cfg = cfg or saved
         sources = Sources(**config["sources"])
-        parts = build_parts("tiny") if sources.mllm == "tiny" else pretrained_parts(sources)
+        if sources.mllm == "tiny" or saved.init == "random":  # frozen parts: the preset's seeded weights
+            parts = build_parts("tiny" if sources.mllm == "tiny" else saved.preset, saved.init)
+        else:
+            parts = pretrained_parts(sources)
         model = cls(parts, cfg, teacher)
         model.trained_parts = set(config["trained_parts"])
         model.load_parts(model_dir, config["saved_parts"])

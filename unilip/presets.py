@@ -2,12 +2,16 @@
 
     parts = build_parts("tiny")          # random weights, small configs, seconds on CPU
     parts = build_parts("unilip-1b")     # InternVL3-1B + SANA 600M + DC-AE (from_pretrained)
+    parts = build_parts("unilip-1b", init="random", device="meta")   # real size, no download
 
 Every part is a real `transformers`/`diffusers` class: the MLLM is
 `InternVLForConditionalGeneration` (InternViT + projector + Qwen2), the pixel decoder's
 backbone is `AutoencoderDC`, the DiT is `SanaTransformer2DModel`. Real presets load from
 hub ids, local directories or `s3://` prefixes (fetched through the project's S3 access
-point into a local cache); nothing is downloaded in tests.
+point into a local cache); nothing is downloaded in tests. With `init="random"` a real
+preset is built from its published architecture (`unilip.real_configs`) with random
+weights (seeded, as the tiny preset's), on any device, `meta` included, and the tiny
+tokenizer widened to InternVL3's vocabulary and special-token ids.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from unilip.real_configs import INTERNVL3_1B, INTERNVL3_2B, SANA_600M_512PX, SANA_1600M_512PX
 
 
 @dataclass
@@ -39,30 +45,47 @@ class Parts:
     sources: Sources
 
 
-PRESETS: dict[str, Callable[[], Parts]] = {}
+INITS = ("pretrained", "random")
+PRESETS: dict[str, Callable[..., Parts]] = {}  # name -> factory(init, device)
 
 
 def register(name: str):
-    def wrap(fn: Callable[[], Parts]) -> Callable[[], Parts]:
+    def wrap(fn: Callable[..., Parts]) -> Callable[..., Parts]:
         PRESETS[name] = fn
         return fn
 
     return wrap
 
 
-def build_parts(name: str) -> Parts:
+def build_parts(name: str, init: str = "pretrained", device: str | torch.device | None = None) -> Parts:
+    """A preset's parts: `init` "pretrained" (the default; the tiny preset has no other
+    weights than its seeded random ones) or "random"; built on `device` (default CPU)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; available: {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]()
+    if init not in INITS:
+        raise ValueError(f"model.init must be one of {', '.join(INITS)}, got {init!r}")
+    return PRESETS[name](init, device)
+
+
+def _seeded(device):
+    """Deterministic random weights on `device` (a meta build has no values to seed)."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng())
+    torch.manual_seed(PRESET_SEED)
+    if device is not None:
+        stack.enter_context(torch.device(device))
+    return stack
 
 
 # ----------------------------------------------------------------------------- tiny
 
-TINY_SEED = 1234  # the tiny preset's random weights are a function of this seed
+PRESET_SEED = 1234  # random weights (tiny, and real presets with init random) are a function of this seed
 
 
 @register("tiny")
-def tiny() -> Parts:
+def tiny(init: str = "pretrained", device=None) -> Parts:
     """Small configs of the real classes, random weights (deterministic), the tokenizer fixture."""
     from diffusers import AutoencoderDC, SanaTransformer2DModel
     from transformers import InternVLConfig, InternVLForConditionalGeneration
@@ -83,8 +106,7 @@ def tiny() -> Parts:
         image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
         image_seq_length=256,
     )  # fmt: skip
-    with torch.random.fork_rng():
-        torch.manual_seed(TINY_SEED)
+    with _seeded(device):
         mllm = InternVLForConditionalGeneration(config)
         dcae = AutoencoderDC(
             latent_channels=32, attention_head_dim=8,
@@ -144,11 +166,38 @@ def pretrained_parts(sources: Sources, dtype=torch.float32) -> Parts:
 DCAE = "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"
 
 
-@register("unilip-1b")
-def unilip_1b() -> Parts:
-    return pretrained_parts(Sources("OpenGVLab/InternVL3-1B-hf", "Efficient-Large-Model/Sana_600M_512px_diffusers", DCAE, 10.6))
+def random_parts(sources: Sources, mllm: dict, dit: dict, device=None) -> Parts:
+    """A real preset's published architecture with random weights (`unilip.real_configs`)."""
+    from diffusers import AutoencoderDC, SanaTransformer2DModel
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    from unilip.real_configs import DCAE_F32C32_SANA_1_1, random_init
+    from unilip.tokenizer import INTERNVL3, build_tiny_tokenizer
+
+    with _seeded(device):
+        parts = Parts(
+            mllm=InternVLForConditionalGeneration(InternVLConfig(**random_init(mllm))).eval(),
+            tokenizer=build_tiny_tokenizer(layout=INTERNVL3),
+            dcae=AutoencoderDC(**DCAE_F32C32_SANA_1_1).eval(),
+            dit=SanaTransformer2DModel(**dit).eval(),
+            sources=sources,
+        )
+    return parts
 
 
-@register("unilip-3b")
-def unilip_3b() -> Parts:
-    return pretrained_parts(Sources("OpenGVLab/InternVL3-2B-hf", "Efficient-Large-Model/Sana_1600M_512px_diffusers", DCAE, 9.5))
+def _real(sources: Sources, mllm: dict, dit: dict) -> Callable[..., Parts]:
+    def build(init: str = "pretrained", device=None) -> Parts:
+        if init == "random":
+            return random_parts(sources, mllm, dit, device)
+        parts = pretrained_parts(sources)
+        if device is not None:
+            parts.mllm, parts.dcae, parts.dit = parts.mllm.to(device), parts.dcae.to(device), parts.dit.to(device)
+        return parts
+
+    return build
+
+
+register("unilip-1b")(_real(Sources("OpenGVLab/InternVL3-1B-hf", "Efficient-Large-Model/Sana_600M_512px_diffusers", DCAE, 10.6),
+                            INTERNVL3_1B, SANA_600M_512PX))  # fmt: skip
+register("unilip-3b")(_real(Sources("OpenGVLab/InternVL3-2B-hf", "Efficient-Large-Model/Sana_1600M_512px_diffusers", DCAE, 9.5),
+                            INTERNVL3_2B, SANA_1600M_512PX))  # fmt: skip

@@ -7,15 +7,38 @@ template. Saved with `save_pretrained`, it loads back with `AutoTokenizer`.
 
     from unilip.tokenizer import build_tiny_tokenizer
     tok = build_tiny_tokenizer("/tmp/tiny-tokenizer")
+    tok = build_tiny_tokenizer(layout=INTERNVL3)   # widened: InternVL3's vocabulary and ids
+
+Widened (`layout=INTERNVL3`), the same merges sit in a vocabulary of InternVL3's size with
+every special token at InternVL3's id (`<IMG_CONTEXT>` 151667, ...), the rest of the ids
+held by unreachable filler entries: the tokenizer of a random-init real preset, so token
+ids land where the real model's embedding rows and config (`image_token_id`) expect them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT]
+
+
+@dataclass(frozen=True)
+class VocabLayout:
+    """Where a real tokenizer keeps its special tokens, and its vocabulary size."""
+
+    size: int
+    ids: dict[str, int]
+
+
+# Qwen2.5's chat tokens and InternVL's image tokens (transformers' InternVL converter adds
+# them in this order after Qwen2.5's 151,665 tokens); vocab_size 151674 in the configs.
+INTERNVL3 = VocabLayout(151674, {
+    PAD: 151643, IM_START: 151644, IM_END: 151645, IMG_START: 151665, IMG_END: 151666, IMG_CONTEXT: 151667,
+    "<quad>": 151668, "</quad>": 151669, "<ref>": 151670, "</ref>": 151671, "<box>": 151672, "</box>": 151673,
+})  # fmt: skip
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -46,8 +69,9 @@ Small large tall short bright dark old new happy beautiful detailed realistic pa
 """
 
 
-def build_tiny_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 1024):
-    """Train the fixture tokenizer; save it to `out_dir` if given. Deterministic."""
+def build_tiny_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 1024, layout: VocabLayout | None = None):
+    """Train the fixture tokenizer; save it to `out_dir` if given. Deterministic. With
+    `layout`, widened to that vocabulary and those special-token ids (see the module doc)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -61,6 +85,8 @@ def build_tiny_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 10
         show_progress=False,
     )
     bpe.train_from_iterator([line for line in _CORPUS.splitlines() if line] * 4, trainer=trainer)
+    if layout is not None:
+        bpe = _widen(bpe, layout)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token=IM_END,
@@ -72,3 +98,26 @@ def build_tiny_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 10
     if out_dir is not None:
         tok.save_pretrained(str(out_dir))
     return tok
+
+
+def _widen(bpe, layout: VocabLayout):
+    """The trained merges in `layout`'s vocabulary: ordinary tokens first (their order
+    kept), special tokens at the layout's ids, fillers no merge can produce in between."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, models
+
+    state = json.loads(bpe.to_str())["model"]
+    ordinary = [t for t, _ in sorted(state["vocab"].items(), key=lambda kv: kv[1]) if t not in SPECIAL_TOKENS]
+    special = {t: i for t, i in layout.ids.items()}
+    if len(ordinary) > min(special.values()):
+        raise ValueError(f"{len(ordinary)} ordinary tokens do not fit below the first special id {min(special.values())}")
+    vocab = {t: i for i, t in enumerate(ordinary)}
+    taken = set(special.values())
+    vocab |= {f"<|filler_{i}|>": i for i in range(len(ordinary), layout.size) if i not in taken}
+    vocab |= special
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    wide = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    wide.pre_tokenizer, wide.decoder = bpe.pre_tokenizer, bpe.decoder
+    wide.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    return wide
