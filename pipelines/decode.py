@@ -22,7 +22,6 @@ to a `SkipCounter` actor the trainer reads for logging.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import warnings
 from collections import Counter
@@ -30,6 +29,7 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
+from pipelines.order import keyed_rng
 from unilip.prompts import MAX_CAPTION_CHARS, training_prompt
 
 SKIP_REASONS = (
@@ -50,10 +50,8 @@ class BadSample(ValueError):
 
 def sample_rng(seed: int, url: str, index: int, epoch: int = 0) -> np.random.Generator:
     """The augmentation randomness of one sample in one epoch: a function of the seed,
-    where the sample lives (a stable digest of the url: Python's hash() differs per
-    process) and the epoch."""
-    digest = int.from_bytes(hashlib.blake2b(url.encode(), digest_size=8).digest(), "little")
-    return np.random.default_rng([seed, digest, index, epoch])
+    where the sample lives and the epoch."""
+    return keyed_rng(seed, url, index, epoch)
 
 
 def open_image(data: bytes | None, missing: str = "missing_image", draft: int | None = None) -> Image.Image:

@@ -26,7 +26,7 @@ from typing import Callable
 
 from pipelines.decode import skip_counter
 from pipelines.mix import MixSource, TaskMixer, effective_weights
-from pipelines.order import Order, manifest_digest
+from pipelines.order import Order, keyed_rng, manifest_digest
 from pipelines.position import Position
 from pipelines.read import configure_data_context, source_dataset
 from pipelines.shards import join, read_manifest
@@ -172,7 +172,7 @@ def worker_mixer(plan: dict[str, SourcePlan], iterators: dict, batch_size: int, 
 
         def next_epoch(epoch: int):
             it = first.pop() if first else iterators[name]
-            shuffle = dict(local_shuffle_buffer_size=local_shuffle, local_shuffle_seed=seed_of(seed, name, epoch, rank)) if local_shuffle else {}
+            shuffle = dict(local_shuffle_buffer_size=local_shuffle, local_shuffle_seed=int(keyed_rng(seed, name, epoch, rank).integers(2**32))) if local_shuffle else {}
             return iter(it.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches, **shuffle))
 
         return next_epoch
@@ -183,9 +183,3 @@ def worker_mixer(plan: dict[str, SourcePlan], iterators: dict, batch_size: int, 
         mixer.load_state(state)
     return mixer
 
-
-def seed_of(*keys) -> int:
-    """A 32-bit seed from ints and strings, the same in every process."""
-    import zlib
-
-    return zlib.crc32(repr(keys).encode())

@@ -42,14 +42,15 @@ class Order:
         return cls(cfg.seed, cfg.shuffle, cfg.shard_interleave, cfg.shuffle_buffer)
 
 
-def _rng(seed: int, *keys) -> np.random.Generator:
-    # str keys through crc32: Python's hash() differs between processes
+def keyed_rng(seed: int, *keys: int | str) -> np.random.Generator:
+    """A generator that is a function of the seed and the keys, the same in every process
+    (str keys through crc32: Python's hash() differs between processes)."""
     return np.random.default_rng([seed, *(zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys)])
 
 
 def shard_order(seed: int, source: str, epoch: int, n: int, shuffle: bool = True) -> np.ndarray:
     """The shards' reading order in `epoch` (indices into the manifest)."""
-    return _rng(seed, source, epoch).permutation(n) if shuffle else np.arange(n)
+    return keyed_rng(seed, source, epoch).permutation(n) if shuffle else np.arange(n)
 
 
 def interleave_width(requested: int, n: int) -> int:
@@ -67,7 +68,7 @@ def read_plan(seed: int, source: str, epoch: int, group: int, sizes: list[int], 
     task, in emission order. Without shuffle: each shard in turn, front to back."""
     shards = np.repeat(np.arange(len(sizes)), sizes)
     if shuffle:
-        rng = _rng(seed, source, epoch, group)
+        rng = keyed_rng(seed, source, epoch, group)
         shards = rng.permutation(shards)  # a uniformly random interleaving of the shards
     # each shard's samples in index order along the interleaving
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)

@@ -16,6 +16,7 @@ tokenizer widened to InternVL3's vocabulary and special-token ids.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,16 +68,12 @@ def build_parts(name: str, init: str = "pretrained", device: str | torch.device 
     return PRESETS[name](init, device)
 
 
+@contextlib.contextmanager
 def _seeded(device):
     """Deterministic random weights on `device` (a meta build has no values to seed)."""
-    import contextlib
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.random.fork_rng())
-    torch.manual_seed(PRESET_SEED)
-    if device is not None:
-        stack.enter_context(torch.device(device))
-    return stack
+    with torch.random.fork_rng(), torch.device(device or "cpu"):
+        torch.manual_seed(PRESET_SEED)
+        yield
 
 
 # ----------------------------------------------------------------------------- tiny
