@@ -2,6 +2,10 @@
 
     unilip plan gen-stage2 --gpus 16 --gpu a100-80g
     unilip plan all --preset unilip-3b --price 3.2
+    unilip plan recon-stage2-448 --gpus 4 --set train.micro_batch=8 --no-memory
+
+Per-GPU memory (weights, gradients, optimizer, activations measured at real size on the
+meta device, a verdict per GPU kind) comes from `cluster/memory.py`.
 
 The FLOPs model (forward FLOPs, 2 per multiply-add, per training sample):
 
@@ -25,7 +29,8 @@ Training multiplies each part's forward by 3 when it is trained (forward, input 
 gradients), by 2 when it is frozen but gradients pass through it (the frozen LLM under the
 trainable queries, the frozen DiT in generation stage 1, the loss networks and the
 discriminator under the decoder), and by 1 when it only runs forward; the loss networks
-also run forward once on the real image. Step time is FLOPs / (GPUs x peak x MFU):
+also run forward once on the real image. A part whose blocks are checkpointed
+(`train.activation_checkpointing`) and that gradients cross runs its forward once more. Step time is FLOPs / (GPUs x peak x MFU):
 the achievable fraction of peak (MFU) is an assumption, printed with the result.
 """
 
@@ -217,14 +222,16 @@ def condition_tokens(arch: Architecture, edit: bool, prompt_tokens: int, num_que
 def recipe_parts(recipe, arch: Architecture, prompt_tokens: int = 64) -> list[Part]:
     """Per-sample forward FLOPs and passes of every part a recipe's training step runs."""
     res, trained = recipe.data.resolution, set(recipe.train.trainable)
+    checkpointed = set(recipe.train.activation_checkpointing)
+    recompute = lambda component, passes: passes + 1 if component in checkpointed and passes >= 2 else passes  # noqa: E731
     if recipe.kind == "reconstruction":
         enc, loss = (3 if "encoder" in trained else 1), recipe.loss
         out = 32 * res // (2 * arch.patch)  # the pixel decoder renders 32x the latent, then resizes
         parts = [
-            Part("InternViT", vit_flops(arch, res), enc),
+            Part("InternViT", vit_flops(arch, res), recompute("encoder", enc)),
             Part("projector", projector_flops(arch, res), enc),
             Part("down-projection", down_proj_flops(arch, res), 3),
-            Part("DC-AE decoder", conv_part_flops("dcae_decoder", out), 3),
+            Part("DC-AE decoder", conv_part_flops("dcae_decoder", out), recompute("pixel_decoder", 3)),
         ]
         if loss.lpips:  # the reconstruction (gradients pass) and the real image (forward)
             parts.append(Part(f"LPIPS {loss.lpips_net}", conv_part_flops(f"lpips-{loss.lpips_net}", res), 3))
@@ -253,10 +260,10 @@ def recipe_parts(recipe, arch: Architecture, prompt_tokens: int = 64) -> list[Pa
         else Part("UniLIP encoder (target)", vit_flops(arch, res) + projector_flops(arch, res) + down_proj_flops(arch, res), 1)
     )
     return [
-        Part("LLM", transformer_flops(arch.llm, seq), 2 if "queries" in trained else 1),
+        Part("LLM", transformer_flops(arch.llm, seq), recompute("llm", 2 if "queries" in trained else 1)),
         Part("InternViT (edit reference)", edit * (vit_flops(arch, res) + projector_flops(arch, res)), 1),
-        Part("connector", transformer_flops(connector, seq) + 2 * seq * arch.llm.width * arch.dit.caption_channels, 3),
-        Part("SANA DiT", dit_flops(arch.dit, latent, seq), 3 if "dit" in trained else 2),
+        Part("connector", transformer_flops(connector, seq) + 2 * seq * arch.llm.width * arch.dit.caption_channels, recompute("connector", 3)),
+        Part("SANA DiT", dit_flops(arch.dit, latent, seq), recompute("dit", 3 if "dit" in trained else 2)),
         target,
     ]
 
@@ -316,7 +323,7 @@ class Plan:
 
 def make_plan(recipe_name: str, preset: str = "unilip-1b", gpus: int | None = None, gpu: str = "a100-80g",
               price: float | None = None, mfu: float = DEFAULT_MFU, decode_rate: float = DEFAULT_DECODE_RATE,
-              prompt_tokens: int = 64) -> Plan:  # fmt: skip
+              prompt_tokens: int = 64, overrides: list[str] | None = None) -> Plan:  # fmt: skip
     from jobs.recipes import load_recipe
 
     if preset not in ARCHITECTURES:
@@ -325,7 +332,7 @@ def make_plan(recipe_name: str, preset: str = "unilip-1b", gpus: int | None = No
         raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
-    recipe = load_recipe(recipe_name)
+    recipe = load_recipe(recipe_name, overrides)
     gpus = gpus or PAPER_GPUS[recipe.kind]
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {gpus}")

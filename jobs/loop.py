@@ -70,14 +70,15 @@ class StageNet(nn.Module):
         return terms
 
 
-def build_model(recipe: Recipe, init_from: str | None, s3) -> UniLIP:
-    """The stage's starting point: the previous stage's export, or the preset's sources."""
+def build_model(recipe: Recipe, init_from: str | None, s3, device=None) -> UniLIP:
+    """The stage's starting point: the previous stage's export, or the preset's sources
+    (built on `device`: `meta` for shapes and memory without weights)."""
     from unilip.artifacts import fetch_model
 
     teacher = recipe.kind == "reconstruction" and recipe.loss.distill > 0
     if init_from:
         return UniLIP.from_pretrained(fetch_model(init_from, s3), teacher=teacher, cfg=recipe.model)
-    return UniLIP.from_preset(recipe.model.preset, recipe.model, teacher=teacher)
+    return UniLIP.from_preset(recipe.model.preset, recipe.model, teacher=teacher, device=device)
 
 
 def local_loss_config(cfg: LossConfig, s3) -> LossConfig:
@@ -100,16 +101,21 @@ class Stage:
         return self.net.loss[0]
 
 
-def build_stage(recipe: Recipe, init_from: str | None, s3, device) -> Stage:
+def build_stage(recipe: Recipe, init_from: str | None, s3, device, throwaway: bool = False) -> Stage:
     """The stage's network, the AdamW over its trainable parameter groups, and for a stage
     with an adversarial loss the discriminator's AdamW (weight decay on its weights only).
-    Seeded: identical initial weights on every worker."""
+    Seeded: identical initial weights on every worker, built on the CPU (the same values
+    whatever the device) and moved. `throwaway`: weights nobody keeps (shapes and memory on
+    `meta`, benchmarks), built on `device` directly, random perceptual backbones allowed."""
     tc = recipe.train
     torch.manual_seed(tc.seed)
-    model = build_model(recipe, init_from, s3)
+    model = build_model(recipe, init_from, s3, device if throwaway else None)
     model.set_trainable(tc.trainable)
+    model.set_activation_checkpointing(tc.activation_checkpointing)
     groups = adamw_groups(model.param_groups(tc.lr_scales), tc.weight_decay)
-    loss = model.reconstruction_loss(local_loss_config(recipe.loss, s3)) if recipe.kind == "reconstruction" else None
+    loss = None
+    if recipe.kind == "reconstruction":
+        loss = model.reconstruction_loss(local_loss_config(recipe.loss, s3), allow_random_backbones=throwaway)
     net = StageNet(model, recipe.kind, loss).to(device)
     critic_opt = None
     if loss is not None:

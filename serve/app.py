@@ -45,7 +45,7 @@ def application(args: dict, options: dict[str, dict] | None = None):
         raise ValueError("the Serve application needs args.model: models:/NAME/VERSION, models:/NAME@ALIAS, DIR or s3://...")
     options = options or {}
     handle = UniLIPModel.options(**options.get("UniLIPModel", {})).bind(
-        model, int(args.get("max_batch_size", 4)), float(args.get("batch_wait_timeout_s", 0.05)))
+        model, int(args.get("max_batch_size", 4)), float(args.get("batch_wait_timeout_s", 0.05)), str(args.get("dtype", "auto")))
     return Api.options(**options.get("Api", {})).bind(
         handle, args.get("model_name") or model_name(model), int(args.get("max_body_bytes", 20 * 2**20)),
         args.get("api_key_env"), args.get("api_key_file"))

@@ -25,8 +25,8 @@ def png(image) -> bytes:
 
 @serve.deployment
 class UniLIPModel:
-    def __init__(self, model_uri: str, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.05):
-        self.model_uri, self.model, self.error = model_uri, None, None
+    def __init__(self, model_uri: str, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.05, dtype: str = "auto"):
+        self.model_uri, self.dtype, self.model, self.error = model_uri, dtype, None, None
         self.images.set_max_batch_size(max_batch_size)
         self.images.set_batch_wait_timeout_s(batch_wait_timeout_s)
         threading.Thread(target=self._load, daemon=True).start()  # readiness stays false until loaded
@@ -40,14 +40,14 @@ class UniLIPModel:
             from unilip.s3 import s3_access
 
             torch.set_grad_enabled(False)
-            model = UniLIP.from_pretrained(fetch_model(self.model_uri, s3_access()))
-            model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-            self.model = model
+            # bf16 on a GPU, fp32 on a CPU, unless the application's `dtype` says otherwise
+            self.model = UniLIP.from_pretrained(fetch_model(self.model_uri, s3_access())).for_inference(dtype=self.dtype)
         except Exception as e:  # reported by status(); the replica stays up to say why
             self.error = f"{type(e).__name__}: {e}"
 
     def status(self) -> dict:
-        return {"ready": self.model is not None, "error": self.error, "model": self.model_uri}
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.") if self.model is not None else None
+        return {"ready": self.model is not None, "error": self.error, "model": self.model_uri, "dtype": dtype}
 
     def check_health(self) -> None:
         if self.error:
@@ -75,11 +75,11 @@ class UniLIPModel:
             group = list(group)
             prompts = [r["prompt"] for _, r, seeds in group for _ in seeds]
             seeds = [s for _, _, seeds in group for s in seeds]
+            sampling = dict(guidance_scale=guidance, steps=steps, seed=seeds)
             if task == "editing":
-                refs = [r["image"] for _, r, s in group for _ in s]
-                out = self.model.edit(refs, prompts, guidance, steps, seed=seeds)
+                out = self.model.edit([r["image"] for _, r, s in group for _ in s], prompts, **sampling)
             else:
-                out = self.model.generate(prompts, guidance, steps, seed=seeds)
+                out = self.model.generate(prompts, **sampling)
             for i, r, s in group:
                 results[i] = {"images": [png(im) for im in out[: len(s)]]}
                 out = out[len(s) :]

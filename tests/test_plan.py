@@ -91,10 +91,14 @@ def test_plan_arithmetic_and_task_share():
     assert plan.gpu_hours == pytest.approx(200_000 * step / 3600 * 16)
     assert plan.cost == pytest.approx(plan.gpu_hours * 2.0)
     assert plan.decode_cores == -(-512 / step * (1 + edit) // 50)
+    # activation checkpointing of the LLM, connector and DiT (as shipped) adds one forward each
     by_name = {p.name: p for p in plan.parts}
-    assert by_name["SANA DiT"].passes == 3 and by_name["LLM"].passes == 2  # queries train through the frozen LLM
+    assert by_name["SANA DiT"].passes == 3 + 1 and by_name["LLM"].passes == 2 + 1  # queries train through the frozen LLM
+    assert by_name["InternViT (edit reference)"].passes == 1 and by_name["connector"].passes == 3 + 1
     stage1 = {p.name: p for p in make_plan("gen-stage1").parts}
-    assert stage1["SANA DiT"].passes == 2  # frozen DiT, gradients pass through to the connector
+    assert stage1["SANA DiT"].passes == 2 + 1  # frozen DiT, gradients pass through to the connector
+    plain = {p.name: p for p in make_plan("gen-stage1", overrides=["train.activation_checkpointing=[]"]).parts}
+    assert plain["SANA DiT"].passes == 2 and plain["LLM"].passes == 2
 
 
 def test_plan_cli_prints_every_recipe_and_rejects_bad_input():

@@ -125,3 +125,37 @@ def test_fp32_remains_selectable(process_group, photos):
     terms = optimizer_step(engine, stage, [collate(raw_batch(photos[:1], "generation", 224))], 0, recipe, 1,
                            random.Random(0), torch.Generator().manual_seed(0), "cpu")  # fmt: skip
     assert set(terms) == {"mse", "lpips", "loss"} and all(math.isfinite(v) for v in terms.values())
+
+
+def test_inference_runs_in_the_device_s_precision_with_sdpa(photos):
+    """bf16 is what a GPU runs (the default on CUDA); here on the CPU, asked for, the four
+    calls run in it and agree with fp32; every attention is torch's fused SDPA."""
+    from PIL import Image
+
+    from unilip.model import UniLIP
+    from unilip.numerics import inference_dtype
+
+    assert inference_dtype("cuda") == torch.bfloat16 and inference_dtype("cpu") == torch.float32
+    assert inference_dtype("cpu", "bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be auto, bf16 or fp32, got 'fp16'"):
+        inference_dtype("cuda", "fp16")
+
+    image = Image.fromarray(photos[0])
+    outputs = {}
+    for dtype in ("fp32", "bf16"):
+        model = UniLIP.from_preset("tiny").for_inference("cpu", dtype)
+        assert {p.dtype for p in model.parameters()} == {inference_dtype("cpu", dtype)}
+        outputs[dtype] = [np.asarray(im, dtype=np.float32) for im in (
+            model.generate(["a red fox"], steps=2, seed=0)[0], model.edit([image], ["make it blue"], steps=2, seed=0)[0],
+            model.reconstruct([image])[0])]  # fmt: skip
+        assert model.understand(image, "What is this?", max_new_tokens=4) is not None
+    for a, b in zip(outputs["fp32"], outputs["bf16"]):
+        assert a.shape == b.shape == (448, 448, 3)
+        psnr = 10 * math.log10(255**2 / max(float(np.mean((a - b) ** 2)), 1e-12))
+        assert psnr > 25, psnr  # bf16 rounding, not a different computation
+
+    cfg = model.mllm.config
+    assert cfg.vision_config._attn_implementation == cfg.text_config._attn_implementation == "sdpa"
+    assert model.generator.connector.model.config._attn_implementation == "sdpa"
+    dit = model.generator.dit
+    assert {type(b.attn2.processor).__name__ for b in dit.transformer_blocks} == {"SanaAttnProcessor2_0"}  # F.scaled_dot_product_attention

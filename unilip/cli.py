@@ -7,6 +7,7 @@
     unilip recipe show gen-stage2 --set train.lr=2e-4
     unilip plan gen-stage2 --gpus 16 --gpu a100-80g
     unilip model summary --preset unilip-1b
+    unilip bench model --preset unilip-1b --init random --device cuda --json bench.json
     unilip submit recon-stage1 --preset unilip-1b --workers 4 --gpu --address http://HEAD:8265 --follow
     unilip jobs list|status|logs|stop [JOB_ID] --address http://HEAD:8265
     unilip demo
@@ -167,8 +168,20 @@ def _train_bench(args) -> int:
 def _serve(args) -> int:
     from serve.app import DEFAULT_CONFIG, load_config, run_local
 
-    overrides = {"model": args.model, "api_key_env": args.api_key_env, "max_batch_size": args.max_batch_size}
+    overrides = {"model": args.model, "api_key_env": args.api_key_env, "max_batch_size": args.max_batch_size, "dtype": args.dtype}
     run_local(load_config(args.config or DEFAULT_CONFIG, overrides, args.host, args.port))
+    return 0
+
+
+def _bench(args) -> int:
+    from jobs.model_bench import run_model_bench
+
+    batches = [int(b) for b in args.batches.split(",")]
+    if any(b < 1 for b in batches) or args.train_steps < 1 or args.inference_steps < 1:
+        raise ValueError("--batches, --train-steps and --inference-steps must be positive")
+    recipes = args.recipes.split(",") if args.recipes else None
+    run_model_bench(args.preset, args.init, args.device, recipes, batches, args.inference_steps, args.train_steps,
+                    args.warmup, args.repeats, args.peak_tflops, args.json)  # fmt: skip
     return 0
 
 
@@ -180,14 +193,23 @@ def _serve_bench(args) -> int:
 
 
 def _plan(args) -> int:
+    from cluster.memory import format_memory, memory_plan, meta_stage, verdicts
     from cluster.plan import assumptions, format_plan, make_plan
-    from jobs.recipes import chain
+    from jobs.recipes import chain, load_recipe
 
     names = chain() if args.recipe == "all" else [args.recipe]
-    plans = [make_plan(name, args.preset, args.gpus, args.gpu, args.price, args.mfu, args.decode_rate) for name in names]
-    for plan in plans:
-        print(format_plan(plan) + "\n")
-    print(assumptions(plans[-1]))
+    overrides = [f"model.preset={args.preset}", *args.set]
+    for name in names:
+        plan = make_plan(name, args.preset, args.gpus, args.gpu, args.price, args.mfu, args.decode_rate, overrides=overrides)
+        print(format_plan(plan))
+        if args.memory:
+            print(f"  (measuring {name}'s activations at real size on the meta device ...)", file=sys.stderr, flush=True)
+            recipe = load_recipe(name, overrides)
+            stage = meta_stage(recipe)
+            mem = memory_plan(recipe, plan.gpus, stage=stage)
+            print(format_memory(mem, verdicts(mem, recipe, stage)))
+        print(flush=True)
+    print(assumptions(plan))
     return 0
 
 
@@ -208,10 +230,10 @@ def _model(args) -> int:
     return 0
 
 
-def _load_model(path: str):
+def _load_model(args):
     from unilip.model import UniLIP
 
-    return UniLIP.from_pretrained(path).eval()
+    return UniLIP.from_pretrained(args.model).for_inference(args.device, args.dtype)
 
 
 def _open_images(paths: list[str]):
@@ -239,7 +261,7 @@ def _write_images(images, out: str, stem: str) -> None:
 
 
 def _generate(args) -> int:
-    model = _load_model(args.model)
+    model = _load_model(args)
     kw = dict(guidance_scale=args.guidance, steps=args.steps, seed=args.seed, solver=args.solver)
     if args.command == "generate":
         images = model.generate(args.prompt * args.n, **kw)
@@ -254,12 +276,12 @@ def _generate(args) -> int:
 
 
 def _reconstruct(args) -> int:
-    _write_images(_load_model(args.model).reconstruct(_open_images(args.image), args.size), args.out, "reconstruction")
+    _write_images(_load_model(args).reconstruct(_open_images(args.image), args.size), args.out, "reconstruction")
     return 0
 
 
 def _understand(args) -> int:
-    print(_load_model(args.model).understand(_open_images([args.image])[0], args.question, args.max_new_tokens))
+    print(_load_model(args).understand(_open_images([args.image])[0], args.question, args.max_new_tokens))
     return 0
 
 
@@ -271,6 +293,11 @@ def _demo(args) -> int:
     stages = {"stages": tuple(args.stages.split(","))} if args.stages else {}
     run_demo(args.steps, args.gen, args.edit, args.size, args.results, args.lr, args.workers, **stages)
     return 0
+
+
+def _inference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if there is one)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="default auto: bf16 on CUDA, fp32 on the CPU")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -357,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     p.set_defaults(func=_jobs)
 
-    p = sub.add_parser("plan", help="estimate step time, wall clock, GPU hours, cost and decode cores of a recipe")
+    p = sub.add_parser("plan", help="estimate step time, wall clock, GPU hours, cost, decode cores and per-GPU memory of a recipe")
     p.add_argument("recipe", help="recipe name or `all`")
     p.add_argument("--preset", default="unilip-1b", help="unilip-1b | unilip-3b (default unilip-1b)")
     p.add_argument("--gpus", type=int, help="GPUs (default: the paper's, 4 for reconstruction, 16 for generation)")
@@ -365,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--price", type=float, help="USD per GPU-hour (default: the AWS on-demand list price)")
     p.add_argument("--mfu", type=float, default=0.35, help="achieved fraction of peak FLOP/s (default 0.35)")
     p.add_argument("--decode-rate", type=float, default=45.0, help="images/s one CPU core decodes (default 45, `unilip data bench`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field, e.g. train.zero_stage=3")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-GPU memory (it measures activations, seconds per recipe)")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("train-bench", help="time per optimizer step: `unilip train` (1 worker) vs a bare PyTorch loop")
@@ -383,7 +412,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")
     p.add_argument("--api-key-env", help="require `Authorization: Bearer $VAR` with the key in this environment variable")
     p.add_argument("--max-batch-size", type=int, help="generation/edit requests per model call")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="model precision (default from the config: auto, bf16 on GPUs)")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("bench", help="model: a training step per recipe and 448 px sampling on this machine's GPU (no Ray)")
+    p.add_argument("target", choices=["model"])
+    p.add_argument("--preset", default="unilip-1b", help="tiny | unilip-1b | unilip-3b (default unilip-1b)")
+    p.add_argument("--init", choices=["random", "pretrained"], default="random", help="weights (default random: no download)")
+    p.add_argument("--device", help="cuda, cpu (default: cuda if there is one)")
+    p.add_argument("--recipes", help="comma-separated recipes (default: all six)")
+    p.add_argument("--batches", default="1,4,8", help="inference batch sizes (default 1,4,8)")
+    p.add_argument("--inference-steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--train-steps", type=int, default=3, help="timed optimizer steps per recipe and task (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--repeats", type=int, default=2, help="timed sampling calls per batch size (default 2)")
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: from its name)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("serve-bench", help="HTTP overhead at batch 1 and batching speed-up under concurrent load")
     p.add_argument("--model", required=True, help="model to serve (directory, s3://..., models:/...)")
@@ -413,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--solver", choices=["euler", "dpm"], default=None)
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--out", default="outputs", help="output directory")
+        _inference_args(p)
         p.set_defaults(func=_generate)
 
     p = sub.add_parser("reconstruct", help="image -> UniLIP features -> pixels (PNG files)")
@@ -420,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", required=True)
     p.add_argument("--size", type=int, default=448)
     p.add_argument("--out", default="outputs")
+    _inference_args(p)
     p.set_defaults(func=_reconstruct)
 
     p = sub.add_parser("understand", help="answer a question about an image (InternVL3 with the UniLIP encoder)")
@@ -427,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True)
     p.add_argument("--question", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    _inference_args(p)
     p.set_defaults(func=_understand)
 
     p = sub.add_parser("demo", help="the whole system end to end on the embedded default (what `make demo` runs)")

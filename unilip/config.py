@@ -131,6 +131,9 @@ class TrainConfig:
     ema_decay: float = 0.999  # the ceiling: the decay warms up as min((1 + n) / (10 + n), ema_decay)
     lr_scales: dict[str, float] = field(default_factory=dict)  # parameter group -> lr factor
     trainable: list[str] = field(default_factory=list)  # component names; the rest is frozen
+    # Components whose blocks recompute their activations in the backward pass (less
+    # memory, about a third more compute for them): encoder, llm, connector, dit, pixel_decoder.
+    activation_checkpointing: list[str] = field(default_factory=list)
     precision: Literal["fp32", "bf16"] = "bf16"
     zero_stage: Literal[0, 1, 2, 3] = 2
     checkpoint_every: int = 1000

@@ -64,7 +64,8 @@ class Connector(nn.Module):
     def forward(self, states: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         mask = bidirectional_mask(pad_mask, states.dtype)
         positions = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return self.model(inputs_embeds=states, attention_mask={"full_attention": mask}, position_ids=positions).last_hidden_state
+        return self.model(inputs_embeds=states, attention_mask={"full_attention": mask}, position_ids=positions,
+                          use_cache=False).last_hidden_state
 
 
 class DualConditionGenerator(nn.Module):
@@ -142,7 +143,7 @@ class DualConditionGenerator(nn.Module):
             queries = self.queries.to(embeds.dtype).expand(len(seqs), -1, -1)
             embeds = torch.cat([embeds[:, :-nq], queries], dim=1)
         positions = (pad_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = llm(inputs_embeds=embeds, attention_mask=pad_mask, position_ids=positions).last_hidden_state
+        hidden = llm(inputs_embeds=embeds, attention_mask=pad_mask, position_ids=positions, use_cache=False).last_hidden_state
         if ref_features is not None:  # the raw UniLIP features replace the LLM's outputs there
             hidden = hidden.index_put((rows, ref_index), ref_features.to(hidden.dtype))
         if self.condition == "queries":

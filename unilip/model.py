@@ -1,6 +1,7 @@
 """UniLIP: one CLIP encoder for understanding, reconstruction, generation and editing.
 
     model = UniLIP.from_preset("tiny")                  # or UniLIP.from_pretrained(DIR)
+    model.for_inference()                               # bf16 on CUDA, fp32 on the CPU
     images = model.generate(["a red fox in the snow"], seed=0)
     edited = model.edit([image], ["Make it black and white."], seed=0)
     recon = model.reconstruct([image])
@@ -31,11 +32,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from unilip.checkpointing import enable_checkpointing
 from unilip.config import LossConfig, ModelConfig, from_dict
 from unilip.encoder import PATCH_MULTIPLE, UniLIPEncoder, denormalize, pixel_values_from_uint8
 from unilip.generator import Condition, DualConditionGenerator
 from unilip.losses import ReconstructionLoss
-from unilip.numerics import resize_images
+from unilip.numerics import default_device, inference_dtype, resize_images
 from unilip.pixel_decoder import PixelDecoder
 from unilip.presets import Parts, Sources, build_parts, pretrained_parts
 from unilip.prompts import IMAGE, NULL_EDIT, NULL_GENERATION, edit_prompt, generation_prompt
@@ -74,9 +76,13 @@ class UniLIP(nn.Module):
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def from_preset(cls, preset: str = "tiny", cfg: ModelConfig | None = None, teacher: bool = False) -> UniLIP:
+    def from_preset(cls, preset: str = "tiny", cfg: ModelConfig | None = None, teacher: bool = False,
+                    device: str | torch.device | None = None) -> UniLIP:  # fmt: skip
+        """The preset's parts with UniLIP's own around them, all on `device` (`meta`: shapes only)."""
         cfg = cfg or ModelConfig(preset=preset)
-        return cls(build_parts(preset, cfg.init), cfg, teacher)
+        parts = build_parts(preset, cfg.init, device)
+        with torch.device(device or "cpu"):
+            return cls(parts, cfg, teacher)
 
     def components(self) -> dict[str, nn.Module | nn.Parameter]:
         g = self.generator
@@ -101,6 +107,24 @@ class UniLIP(nn.Module):
             parts[name].requires_grad_(True)
         self.trained_parts |= set(names)
 
+    def checkpoint_blocks(self) -> dict[str, nn.ModuleList]:
+        """The repeated blocks activation checkpointing wraps, per component (`train.activation_checkpointing`)."""
+        return {
+            "encoder": self.encoder.vision_tower.encoder.layer,
+            "llm": self.mllm.model.language_model.layers,
+            "connector": self.generator.connector.model.layers,
+            "dit": self.generator.dit.transformer_blocks,
+            "pixel_decoder": self.pixel_decoder.dcae.decoder.up_blocks,
+        }
+
+    def set_activation_checkpointing(self, names: list[str]) -> None:
+        blocks = self.checkpoint_blocks()
+        unknown = sorted(set(names) - set(blocks))
+        if unknown:
+            raise ValueError(f"unknown component(s) {unknown} for activation checkpointing; choose from: {', '.join(blocks)}")
+        for name in names:
+            enable_checkpointing(blocks[name])
+
     def param_groups(self, lr_scales: dict[str, float] | None = None) -> list[dict]:
         """Trainable parameters by component (with their names, for weight-decay rules)."""
         lr_scales = lr_scales or {}
@@ -114,10 +138,10 @@ class UniLIP(nn.Module):
 
     # ---------------------------------------------------------------- training
 
-    def reconstruction_loss(self, cfg: LossConfig) -> ReconstructionLoss:
+    def reconstruction_loss(self, cfg: LossConfig, allow_random_backbones: bool = False) -> ReconstructionLoss:
         """The reconstruction objective (fp32). It takes over the distillation teacher, so
         that what trains (this model) and the frozen loss networks stay apart."""
-        if self.sources.mllm != "tiny":
+        if self.sources.mllm != "tiny" and not allow_random_backbones:
             for weight, path, key in ((cfg.lpips, cfg.lpips_weights, "lpips_weights"), (cfg.convnext, cfg.convnext_weights, "convnext_weights")):
                 if weight and path is None:
                     raise ValueError(f"loss.{key} must name the pretrained backbone weights file: "
@@ -183,6 +207,11 @@ class UniLIP(nn.Module):
         tensors = [torch.from_numpy(np.array(to_rgb(im).resize((size, size), Image.Resampling.BICUBIC))) for im in images]
         return pixel_values_from_uint8(torch.stack(tensors).to(self.device))
 
+    def for_inference(self, device: str | torch.device | None = None, dtype: str = "auto") -> UniLIP:
+        """On `device` (default: CUDA if there is one) in its precision (`unilip.numerics`), eval mode."""
+        device = torch.device(device) if device is not None else default_device()
+        return self.to(device=device, dtype=inference_dtype(device, dtype)).eval()
+
     @property
     def device(self) -> torch.device:
         return self.generator.queries.device
@@ -200,7 +229,8 @@ class UniLIP(nn.Module):
             formatted.append(prompt)
         return formatted
 
-    def _sample(self, cond: Condition, uncond: Condition, guidance_scale, steps, seed, solver) -> list[Image.Image]:
+    def _sample(self, cond: Condition, uncond: Condition, guidance_scale, steps, seed, solver) -> torch.Tensor:
+        """Sampled 448 px images (B, 3, 448, 448) in [-1, 1], fp32."""
         guidance_scale = self.cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
         steps = self.cfg.num_inference_steps if steps is None else steps
         check_sampling_args(guidance_scale, steps)
@@ -214,22 +244,27 @@ class UniLIP(nn.Module):
             gen = torch.Generator(device="cpu").manual_seed(seed)
         latent = sample(self.generator.velocity, cond, uncond, shape, steps, guidance_scale,
                         solver or self.cfg.solver, self.cfg.shift, gen, noise)  # fmt: skip
-        return to_pil(self.decode_latent(latent, OUTPUT_SIZE))
+        return self.decode_latent(latent, OUTPUT_SIZE)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], guidance_scale: float | None = None, steps: int | None = None,
-                 seed: int | list[int] | None = None, solver: str | None = None) -> list[Image.Image]:  # fmt: skip
-        """Captions -> 448x448 images, with classifier-free guidance against the null prompt.
-        `seed`: one for the batch, or one per prompt (batching then does not change an image)."""
+    def generate_tensors(self, prompts: list[str], guidance_scale: float | None = None, steps: int | None = None,
+                         seed: int | list[int] | None = None, solver: str | None = None) -> torch.Tensor:  # fmt: skip
+        """`generate`, returning the (B, 3, 448, 448) images in [-1, 1] as a tensor."""
         g = self.generator
         cond = g.condition_states(self.check_prompts(prompts))
         uncond = g.condition_states([NULL_GENERATION] * len(prompts))
         return self._sample(cond, uncond, guidance_scale, steps, seed, solver)
 
+    def generate(self, prompts: list[str], **sampling) -> list[Image.Image]:
+        """Captions -> 448x448 images, with classifier-free guidance against the null prompt.
+        Sampling: guidance_scale, steps, solver, and `seed`: one for the batch, or one per
+        prompt (batching then does not change an image)."""
+        return to_pil(self.generate_tensors(prompts, **sampling))
+
     @torch.no_grad()
-    def edit(self, images: list, instructions: list[str], guidance_scale: float | None = None,
-             steps: int | None = None, seed: int | list[int] | None = None, solver: str | None = None) -> list[Image.Image]:  # fmt: skip
-        """Reference images + instructions -> edited 448x448 images (the null prompt keeps the image)."""
+    def edit_tensors(self, images: list, instructions: list[str], guidance_scale: float | None = None,
+                     steps: int | None = None, seed: int | list[int] | None = None, solver: str | None = None) -> torch.Tensor:  # fmt: skip
+        """`edit`, returning the (B, 3, 448, 448) images in [-1, 1] as a tensor."""
         g = self.generator
         prompts = self.check_prompts(instructions, n_ref=LATENT_SIDE**2)  # a 448 px reference: 256 tokens
         if len(images) != len(instructions):
@@ -238,6 +273,10 @@ class UniLIP(nn.Module):
         cond = g.condition_states(prompts, ref)
         uncond = g.condition_states([NULL_EDIT] * len(images), ref)
         return self._sample(cond, uncond, guidance_scale, steps, seed, solver)
+
+    def edit(self, images: list, instructions: list[str], **sampling) -> list[Image.Image]:
+        """Reference images + instructions -> edited 448x448 images (the null prompt keeps the image)."""
+        return to_pil(self.edit_tensors(images, instructions, **sampling))
 
     @torch.no_grad()
     def reconstruct(self, images: list, size: int = 448) -> list[Image.Image]:

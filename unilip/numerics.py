@@ -14,6 +14,10 @@ that model, the following are fp32 whatever the precision, as in the authors' re
   version) and return fp32;
 - the sampler's latent state between solver steps, the EMA of the trained weights, and
   the exported weights.
+
+Inference (`generate`, `edit`, `reconstruct`, `understand`, Serve) runs the model in the
+device's precision: bf16 on CUDA, fp32 on the CPU (whose bf16 matmuls are slow), unless
+asked otherwise (`--dtype`, Serve's `dtype` argument); the same fp32 islands apply.
 """
 
 from __future__ import annotations
@@ -22,6 +26,22 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def inference_dtype(device: torch.device | str, dtype: str = "auto") -> torch.dtype:
+    """"auto": bf16 on CUDA, fp32 elsewhere; or "bf16" / "fp32"."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto, bf16 or fp32, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def fp32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

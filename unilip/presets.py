@@ -47,6 +47,7 @@ class Parts:
 
 
 INITS = ("pretrained", "random")
+ATTENTION = "sdpa"  # every part's attention: torch's fused scaled_dot_product_attention (flash / memory-efficient on CUDA)
 PRESETS: dict[str, Callable[..., Parts]] = {}  # name -> factory(init, device)
 
 
@@ -102,6 +103,7 @@ def tiny(init: str = "pretrained", device=None) -> Parts:
         ),
         image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT),
         image_seq_length=256,
+        attn_implementation=ATTENTION,
     )  # fmt: skip
     with _seeded(device):
         mllm = InternVLForConditionalGeneration(config)
@@ -152,7 +154,7 @@ def pretrained_parts(sources: Sources, dtype=torch.float32) -> Parts:
 
     mllm_path = resolve_pretrained(sources.mllm)
     return Parts(
-        mllm=InternVLForConditionalGeneration.from_pretrained(mllm_path, dtype=dtype).eval(),
+        mllm=InternVLForConditionalGeneration.from_pretrained(mllm_path, dtype=dtype, attn_implementation=ATTENTION).eval(),
         tokenizer=AutoTokenizer.from_pretrained(mllm_path),
         dcae=AutoencoderDC.from_pretrained(resolve_pretrained(sources.dcae), torch_dtype=dtype).eval(),
         dit=SanaTransformer2DModel.from_pretrained(resolve_pretrained(sources.dit), subfolder="transformer", torch_dtype=dtype).eval(),
@@ -173,7 +175,7 @@ def random_parts(sources: Sources, mllm: dict, dit: dict, device=None) -> Parts:
 
     with _seeded(device):
         parts = Parts(
-            mllm=InternVLForConditionalGeneration(InternVLConfig(**random_init(mllm))).eval(),
+            mllm=InternVLForConditionalGeneration(InternVLConfig(**random_init(mllm), attn_implementation=ATTENTION)).eval(),
             tokenizer=build_tiny_tokenizer(layout=INTERNVL3),
             dcae=AutoencoderDC(**DCAE_F32C32_SANA_1_1).eval(),
             dit=SanaTransformer2DModel(**dit).eval(),
