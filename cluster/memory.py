@@ -30,7 +30,7 @@ covers the CUDA context, NCCL's buffers and allocator fragmentation (an assumpti
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -116,8 +116,7 @@ def loss_networks(loss) -> list[tuple[str, int, int]]:
 
     if loss is None:
         return []
-    nets = [(name, getattr(loss, attr), 4) for name, attr in (("lpips", "lpips"), ("convnext-s", "convnext"), ("teacher", "teacher"))]
-    nets.append(("discriminator", loss.discriminator, 16))
+    nets = [("lpips", loss.lpips, 4), ("convnext-s", loss.convnext, 4), ("teacher", loss.teacher, 4), ("discriminator", loss.discriminator, 16)]
     return [(name, count(net), width) for name, net, width in nets if net is not None]
 
 
@@ -191,30 +190,25 @@ def activation_peak(stage, recipe: Recipe) -> int:
 
 
 def memory_plan(recipe: Recipe, gpus: int, checkpointing: list[str] | None = None, stage=None) -> MemoryPlan:
-    """The per-GPU memory of `recipe` on `gpus` workers; `checkpointing` replaces the
-    recipe's activation checkpointing (a stage built before may be passed to reuse it)."""
+    """The per-GPU memory of `recipe` on `gpus` workers, with the `checkpointing` blocks
+    checkpointed besides the recipe's (a stage built before may be passed to reuse it)."""
     from jobs.optim import zero_stage
 
     tc = recipe.train
     stage = stage or meta_stage(recipe)
-    checkpointing = tc.activation_checkpointing if checkpointing is None else checkpointing
+    checkpointing = list(dict.fromkeys([*tc.activation_checkpointing, *(checkpointing or [])]))
     stage.net.model.set_activation_checkpointing(checkpointing)
     return MemoryPlan(
         recipe.name, recipe.model.preset, gpus, zero_stage(tc, gpus), tc.precision, tc.micro_batch, recipe.data.resolution,
         component_parts(stage.net.model, tc.trainable), loss_networks(stage.loss), activation_peak(stage, recipe),
-        list(checkpointing),
+        checkpointing,
     )  # fmt: skip
 
 
-def with_zero(plan: MemoryPlan, zero: int) -> MemoryPlan:
-    from dataclasses import replace
-
-    return replace(plan, zero=zero)
-
-
 def verdicts(plan: MemoryPlan, recipe: Recipe, stage=None) -> list[str]:
-    """Per GPU kind: "fits", or what would make it fit (activation checkpointing of every
-    part, ZeRO-3, both), measured or computed on demand."""
+    """Per GPU kind: "fits", or what would make it fit (activation checkpointing of the
+    blocks gradients cross, ZeRO-3, both; measured or computed when first needed), or the
+    micro batch that would."""
     remedies: list[tuple[str, MemoryPlan]] = []
 
     def remedy_plans():
@@ -227,8 +221,8 @@ def verdicts(plan: MemoryPlan, recipe: Recipe, stage=None) -> list[str]:
         else:
             everything = plan
         if plan.gpus > 1 and plan.zero < 3:
-            remedies.append(("ZeRO-3 (train.zero_stage=3)", with_zero(plan, 3)))
-            remedies.append(("ZeRO-3 and activation checkpointing", with_zero(everything, 3)))
+            remedies.append(("ZeRO-3 (train.zero_stage=3)", replace(plan, zero=3)))
+            remedies.append(("ZeRO-3 and activation checkpointing", replace(everything, zero=3)))
         return remedies
 
     lines = []
@@ -236,8 +230,13 @@ def verdicts(plan: MemoryPlan, recipe: Recipe, stage=None) -> list[str]:
         if plan.total <= capacity:
             lines.append(f"fits on {kind} ({plan.total / GiB:.1f} of {capacity / GiB:.1f} GiB)")
             continue
-        fixes = [f"{name}: {p.total / GiB:.1f} GiB" for name, p in remedy_plans() if p.total <= capacity]
-        fix = f"use {fixes[0]}" if fixes else f"activation checkpointing and ZeRO-3 are not enough: {smaller_batch(remedy_plans()[-1][1], capacity)}"
+        options = remedy_plans()
+        fixes = [f"{name}: {p.total / GiB:.1f} GiB" for name, p in options if p.total <= capacity]
+        if fixes:
+            fix = f"use {fixes[0]}"
+        else:
+            best = options[-1][1] if options else plan
+            fix = f"{'activation checkpointing and ZeRO-3 are not enough' if options else 'nothing else to shard or checkpoint'}: {smaller_batch(best, capacity)}"
         lines.append(f"does not fit on {kind} ({plan.total / GiB:.1f} of {capacity / GiB:.1f} GiB): {fix}")
     return lines
 

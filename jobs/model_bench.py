@@ -13,8 +13,8 @@ Training: for each recipe, one optimizer step of its per-GPU micro batch as the 
 loop runs it on one GPU: the model in bf16, the stage's loss (fp32 loss networks), and
 DeepSpeed's bf16 optimizer reproduced with plain torch: fp32 master weights, fused AdamW,
 gradient clipping, the bf16 weights refreshed from the masters. Timed after warm-up steps,
-with step time, samples/s, MFU (`cluster.plan`'s FLOPs over the GPU's dense bf16 peak) and
-peak GPU memory. A generation recipe's step is the mean of its tasks' micro batches
+with step time, samples/s, MFU (`cluster.plan`'s FLOPs of the step over the GPU's dense bf16
+peak; HFU adds the recompute of checkpointed blocks) and peak GPU memory. A generation recipe's step is the mean of its tasks' micro batches
 weighted by their share. Inference: `generate` and `edit` at 448 px, 20 steps, CFG, at
 batch 1, 4 and 8: seconds per image, against the paper's A100 latency (Table 9).
 """
@@ -25,6 +25,7 @@ import importlib.util
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -61,9 +62,9 @@ def bench_recipe(name: str, preset: str, init: str, device: torch.device, steps:
         overrides += ["loss.lpips=0", "loss.convnext=0"]
     recipe = load_recipe(name, overrides, variant="tiny" if preset == "tiny" else None)
     stage = build_stage(recipe, None, None, device, throwaway=True)
-    net, model, tc = stage.net, stage.net.model, recipe.train
+    model, tc = stage.net.model, recipe.train
     model.to(torch.bfloat16)  # as DeepSpeed casts the module; the loss networks stay fp32
-    net.train()
+    stage.net.train()
     params = [p for p in model.parameters() if p.requires_grad]
     master = [p.detach().float().clone() for p in params]
     opt = torch.optim.AdamW(master, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, fused=True)
@@ -100,13 +101,21 @@ def bench_recipe(name: str, preset: str, init: str, device: torch.device, steps:
         times[task] = (time.perf_counter() - start) / steps
     step_s = sum(times[t] * w for t, w in weights.items())
     row = {"recipe": name, "micro_batch": n, "resolution": res, "step_s": step_s, "samples_per_s": n / step_s,
-           "task_step_s": times, "trained_params": sum(p.numel() for p in params), "flops_per_sample": None,
+           "task_step_s": times, "trained_params": sum(p.numel() for p in params),
+           "flops_per_sample": None, "executed_flops_per_sample": None,
            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
            "left_out": [f"lpips, convnext ({', '.join(missing)} not installed)"] if missing and recipe.kind == "reconstruction" else []}  # fmt: skip
     if preset in ARCHITECTURES:  # the FLOPs model at the benchmark's prompt length
         prompt_tokens = len(model.generator.tokens(generation_prompt(CAPTION), 0)[0]) - 1 - recipe.model.num_queries
-        row["flops_per_sample"] = sum(p.train_flops for p in recipe_parts(recipe, ARCHITECTURES[preset], prompt_tokens))
+        row["flops_per_sample"], row["executed_flops_per_sample"] = step_flops(recipe, preset, prompt_tokens)
     return row
+
+
+def step_flops(recipe, preset: str, prompt_tokens: int) -> tuple[float, float]:
+    """Training FLOPs per sample: the model's (what MFU counts) and those executed, with
+    the recompute of checkpointed blocks (HFU)."""
+    flops = lambda r: sum(p.train_flops for p in recipe_parts(r, ARCHITECTURES[preset], prompt_tokens))  # noqa: E731
+    return flops(replace(recipe, train=replace(recipe.train, activation_checkpointing=[]))), flops(recipe)
 
 
 def bench_inference(preset: str, init: str, device: torch.device, batches: list[int], steps: int, repeats: int) -> list[dict]:
@@ -116,7 +125,7 @@ def bench_inference(preset: str, init: str, device: torch.device, batches: list[
     from unilip.model import UniLIP
 
     model = UniLIP.from_preset(preset, ModelConfig(preset=preset, init=init), device=device if init == "random" else None)
-    model.for_inference(device, "bf16" if device.type == "cuda" else "fp32")
+    model.for_inference(device)  # bf16 on CUDA
     photo = Image.new("RGB", (640, 480), (120, 80, 40))
     calls = {
         "generation": lambda b, s: model.generate_tensors([CAPTION] * b, steps=steps, seed=[s + i for i in range(b)]),
@@ -146,7 +155,12 @@ def run_model_bench(preset: str = "unilip-1b", init: str = "random", device: str
     from unilip.numerics import default_device
 
     device = torch.device(device) if device else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine's torch sees no CUDA device")
     recipes = recipes or chain()
+    unknown = sorted(set(recipes) - set(chain()))
+    if unknown:
+        raise ValueError(f"unknown recipe(s) {unknown}; the recipes: {', '.join(chain())}")
     batches = batches or [1, 4, 8]
     tflops = peak_tflops(device, peak)
     machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -158,8 +172,9 @@ def run_model_bench(preset: str = "unilip-1b", init: str = "random", device: str
         row = bench_recipe(name, preset, init, device, train_steps, warmup)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the stage is gone; give its blocks back before the next one
-        if tflops and row["flops_per_sample"]:
+        if tflops and row["flops_per_sample"]:  # model FLOPs (MFU) and those executed, recompute included (HFU)
             row["mfu"] = row["flops_per_sample"] * row["samples_per_s"] / (tflops * 1e12)
+            row["hfu"] = row["executed_flops_per_sample"] * row["samples_per_s"] / (tflops * 1e12)
         train.append(row)
         log(f"[bench model] {name}: {row['step_s']:.3f} s/step ({time.perf_counter() - start:.0f} s with the build)")
     inference = bench_inference(preset, init, device, batches, inference_steps, repeats)
@@ -175,10 +190,10 @@ def format_report(report: dict) -> str:
     m = report["machine"]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     lines = [f"training, one optimizer step, bf16, fused AdamW ({m['device']}, peak {fmt(m['peak_tflops_bf16'], 'g')} TFLOP/s)",
-             f"  {'recipe':<18}{'micro':>6}{'px':>5}{'s/step':>9}{'samples/s':>11}{'MFU':>7}{'peak GiB':>10}  left out"]  # fmt: skip
+             f"  {'recipe':<18}{'micro':>6}{'px':>5}{'s/step':>9}{'samples/s':>11}{'MFU':>7}{'HFU':>7}{'peak GiB':>10}  left out"]  # fmt: skip
     for r in report["train"]:
         lines.append(f"  {r['recipe']:<18}{r['micro_batch']:>6}{r['resolution']:>5}{r['step_s']:>9.3f}{r['samples_per_s']:>11.1f}"
-                     f"{fmt(r.get('mfu'), '.1%'):>7}{fmt(r['peak_memory_gib'], '.1f'):>10}  {'; '.join(r['left_out']) or '-'}")  # fmt: skip
+                     f"{fmt(r.get('mfu'), '.1%'):>7}{fmt(r.get('hfu'), '.1%'):>7}{fmt(r['peak_memory_gib'], '.1f'):>10}  {'; '.join(r['left_out']) or '-'}")  # fmt: skip
     paper = report["paper_latency_s"]
     lines.append(f"inference, 448 px, CFG{f' (paper: {paper} s per image on one A100)' if paper else ''}")
     lines.append(f"  {'task':<12}{'batch':>6}{'steps':>6}{'s/image':>10}{'vs batch 1':>12}")

@@ -78,6 +78,9 @@ def test_verdicts_name_what_fits_and_what_would():
     huge = MemoryPlan(**{**plan.__dict__, "activations": int(60 * GiB)})
     # at ZeRO-3, 40 - 6.98 - 3 = 30.0 GiB for activations: 32 x 30.0 / 60 -> 16
     assert verdicts(huge, recipe=None)[0].endswith("a micro batch of 16 or less with those (activations scale with it)")
+    # one GPU (ZeRO off) with everything checkpointed: only a smaller micro batch is left
+    alone = MemoryPlan(**{**huge.__dict__, "gpus": 1, "zero": 0})
+    assert verdicts(alone, recipe=None)[1].startswith("does not fit on a100-80g") and "nothing else to shard or checkpoint: a micro batch of" in verdicts(alone, recipe=None)[1]
 
 
 def test_plan_prints_memory_per_gpu_for_a_real_recipe():

@@ -28,3 +28,24 @@ def test_bench_model_runs_without_the_cluster_stack(tmp_path):
     assert all(r["s_per_image"] > 0 and r["steps"] == 2 for r in report["inference"])
     assert "recon-stage2-448" in r.stdout and "s/image" in r.stdout  # the table on stdout
 
+
+
+def test_mfu_counts_the_model_s_flops_and_hfu_the_recompute_too():
+    from cluster.plan import make_plan
+    from jobs.model_bench import step_flops
+    from jobs.recipes import load_recipe
+
+    recipe = load_recipe("gen-stage2")  # the LLM, connector and DiT checkpointed, as shipped
+    model, executed = step_flops(recipe, "unilip-1b", prompt_tokens=64)
+    assert executed == make_plan("gen-stage2").flops_per_sample  # the planner counts what runs
+    plain = make_plan("gen-stage2", overrides=["train.activation_checkpointing=[]"])
+    assert model == plain.flops_per_sample and 1.2 < executed / model < 1.4  # one more forward of most of the step
+
+
+def test_bench_model_refuses_what_it_cannot_run():
+    from tests.conftest import run_cli
+
+    r = run_cli("bench", "model", "--preset", "tiny", "--device", "cuda")
+    assert r.returncode == 2 and "--device cuda: this machine's torch sees no CUDA device" in r.stderr
+    r = run_cli("bench", "model", "--preset", "tiny", "--device", "cpu", "--recipes", "gen-stage9")
+    assert r.returncode == 2 and "unknown recipe(s) ['gen-stage9']" in r.stderr

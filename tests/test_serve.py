@@ -168,4 +168,5 @@ def test_overload_gets_503_with_retry_after_not_a_hang(server):
     assert set(statuses) <= {200, 503}, statuses
     assert statuses.count(503) > 0 and statuses.count(200) >= 8, statuses
     assert all(retry == "1" for s, retry in results if s == 503)
-    assert requests.get(f"{server}/readyz", timeout=10).status_code == 200
+    ready = requests.get(f"{server}/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["dtype"] == "float32"  # dtype auto: fp32 on a CPU replica
