@@ -72,7 +72,38 @@ def load_config(path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None
         ServeDeploySchema.model_validate(config)
     except Exception as e:
         raise ConfigError(f"{path} is not a valid Ray Serve config: {e}") from None
+    unknown = unknown_keys(config, ServeDeploySchema)
+    if unknown:
+        raise ConfigError(f"{path}: unknown Ray Serve config key(s) {', '.join(unknown)} (Ray would ignore them silently)")
     return config
+
+
+def unknown_keys(data: dict, schema, where: str = "") -> list[str]:
+    """Keys of `data` that the pydantic `schema` and the schemas nested in it do not define.
+    Ray's Serve schemas ignore unknown keys, so a misspelt `max_ongoing_request` would pass."""
+    fields = {f.alias or name: f for name, f in schema.model_fields.items()} | dict(schema.model_fields)
+    out = []
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            out.append(path)
+            continue
+        for sub in _schemas(fields[key].annotation):
+            items = enumerate(value) if isinstance(value, list) else [(None, value)]
+            out += [k for i, item in items if isinstance(item, dict)
+                    for k in unknown_keys(item, sub, path if i is None else f"{path}.{i}")]  # fmt: skip
+    return out
+
+
+def _schemas(annotation) -> list:
+    """The pydantic models in a field's type (through Optional, Union and List)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _schemas(arg)]
 
 
 def deployment_options(app_config: dict) -> dict[str, dict]:

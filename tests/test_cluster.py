@@ -112,7 +112,7 @@ def test_aws_launcher_config_is_valid_for_ray():
     assert config["head_node_type"] in types
     instance = {name: t["node_config"]["InstanceType"] for name, t in types.items()}
     assert {"p4de.24xlarge", "p4d.24xlarge"} <= set(instance.values()) and "c6i.8xlarge" in instance.values()
-    assert types["a100-spot"]["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
+    assert types["a100-40g-spot"]["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
 
 
 def test_dockerfile_and_manifests_pin_versions_and_hold_no_secrets():

@@ -106,7 +106,8 @@ def _train(args) -> int:
                   cpus_per_worker=args.cpus_per_worker)  # fmt: skip
     if args.recipe == "all":
         if args.from_uri or args.run_name:
-            raise ValueError("--from and --run-name apply to one stage, not to `train all`")
+            raise ValueError("--from and --run-name apply to one stage, not to `train all` (each stage of `all` has its own "
+                             "run name); a RayJob runs one stage: apply cluster/kuberay/rayjob.yaml once per stage")
         uri = run_all(**common)
     else:
         uri = run_stage(args.recipe, init_from=args.from_uri, run_name=args.run_name, **common)
@@ -169,7 +170,8 @@ def _serve(args) -> int:
     from serve.app import DEFAULT_CONFIG, load_config, run_local
 
     overrides = {"model": args.model, "api_key_env": args.api_key_env, "max_batch_size": args.max_batch_size, "dtype": args.dtype}
-    run_local(load_config(args.config or DEFAULT_CONFIG, overrides, args.host, args.port))
+    # On this machine only, unless asked: the config's 0.0.0.0 is for clusters (`serve deploy`, RayService)
+    run_local(load_config(args.config or DEFAULT_CONFIG, overrides, args.host or "127.0.0.1", args.port))
     return 0
 
 
@@ -408,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible) with Ray Serve, on 127.0.0.1; Ctrl-C stops")
     p.add_argument("--model", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS, a directory or s3://...")
     p.add_argument("--config", help="Ray Serve config file (default: the project's serve/serve.yaml)")
-    p.add_argument("--host", help="HTTP host (default from the config: 127.0.0.1)")
+    p.add_argument("--host", help="HTTP host (default 127.0.0.1; the config's 0.0.0.0 is for clusters)")
     p.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")
     p.add_argument("--api-key-env", help="require `Authorization: Bearer $VAR` with the key in this environment variable")
     p.add_argument("--max-batch-size", type=int, help="generation/edit requests per model call")
