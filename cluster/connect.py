@@ -27,7 +27,9 @@ def pin_ray_to_loopback() -> None:
 def init_ray(address: str | None = None, **kwargs):
     """`ray.init` that stays on the loopback interface for local clusters."""
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if (address or "127.0.0.1").rsplit(":", 1)[0] in LOOPBACK:
+    # A local multi-node cluster (LocalStack(multinode=True)) advertises the machine's address instead.
+    multinode = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "1"
+    if (address or "127.0.0.1").rsplit(":", 1)[0] in LOOPBACK and not multinode:
         pin_ray_to_loopback()
         kwargs.setdefault("_node_ip_address", "127.0.0.1")
     import ray

@@ -145,12 +145,15 @@ class LocalStack:
         bucket: str = DEFAULT_BUCKET,
         artifacts: Literal["bucket", "local"] = "bucket",
         num_cpus: int | None = None,
+        multinode: bool = False,
         log=print,
     ):
         self.home = Path(home) if home else default_home()
         self.bucket = bucket
         self.artifacts = artifacts
         self.num_cpus = num_cpus
+        # More Ray nodes on this machine (`add_node`): the head must not be a single-node cluster.
+        self.ray_env = {**RAY_HEAD_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if multinode else "0"}
         self.log = log
         self._children: dict[int, subprocess.Popen] = {}  # reaped by us when we stop them
         self._saved_env: contextlib.ExitStack | None = None
@@ -201,6 +204,7 @@ class LocalStack:
             env["MLFLOW_TRACKING_URI"] = svc["mlflow"].address
         if "ray" in svc:
             env.update(RAY_LOCAL_ENV, RAY_ADDRESS=svc["ray"].address)
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = self.ray_env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
             env["RAY_API_SERVER_ADDRESS"] = f"http://{HOST}:{svc['ray'].ports['dashboard']}"
         return env
 
@@ -339,13 +343,53 @@ class LocalStack:
             cmd += ["--num-cpus", str(self.num_cpus)]
         # Job drivers run `python` from PATH: the project's interpreter comes first.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        pid, log = self._spawn("ray", cmd, {**self.env(), **RAY_HEAD_ENV, "PATH": path})
+        pid, log = self._spawn("ray", cmd, {**self.env(), **self.ray_env, "PATH": path})
         svc = Service("ray", pid, gcs, log, ports=ports)
         state["ray_temp_dir"] = temp
         dashboard = f"http://{HOST}:{ports['dashboard']}/api/version"
         # Ready once the GCS, the raylet and the dashboard (job submission) all answer.
         ready = lambda: _tcp_open(gcs) and _tcp_open(ports["node-manager"]) and _http_ok(dashboard)  # noqa: E731
         return svc, ready, 120.0
+
+    # ----------------------------------------------------- more Ray nodes
+
+    def add_node(self, name: str, num_cpus: int, resources: dict[str, float] | None = None) -> Service:
+        """Another Ray node on this machine joined to the stack's head: its own raylet
+        (`ray start --address`) in its own session, with its own ports. Stopped by `down`."""
+        state = self._load()
+        head = state["services"].get("ray")
+        if head is None:
+            raise StackError("add_node needs the stack's Ray head: start the ray service first")
+        ports = {n: free_port() for n in ("node-manager", "object-manager", "metrics-export", "dashboard-agent-listen",
+                                          "dashboard-agent-grpc", "runtime-env-agent")}  # fmt: skip
+        cmd = [
+            _bin("ray"), "start", "--address", head.address, "--block", "--disable-usage-stats",
+            "--node-ip-address", HOST, "--num-cpus", str(num_cpus),
+            *[arg for port_name, port in ports.items() for arg in (f"--{port_name}-port", str(port))],
+        ]  # fmt: skip
+        if resources:
+            cmd += ["--resources", json.dumps(resources)]
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        pid, log = self._spawn(name, cmd, {**self.env(), **self.ray_env, "PATH": path})
+        svc = Service(name, pid, ports["node-manager"], log, ports=ports)
+        state.setdefault("nodes", {})[name] = asdict(svc)
+        self._save(state)
+        self._wait_ready(svc, lambda: _tcp_open(ports["node-manager"]), 120.0)
+        self.log(f"[local] Ray node {name} up (pid {pid}, {num_cpus} CPUs{f', {resources}' if resources else ''})")
+        return svc
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL a node added with `add_node`: its raylet and every process it started (its
+        session), as when a machine dies."""
+        state = self._load()
+        svc = Service(**state.get("nodes", {}).pop(name))
+        _kill_group_or_pid(svc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10.0
+        while _group_alive(svc.pid, zombies=True) and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.1)
+        self._save(state)
+        self.log(f"[local] Ray node {name} killed (pid {svc.pid})")
 
     # --------------------------------------------------------------- status
 
@@ -370,6 +414,9 @@ class LocalStack:
         """Stop every recorded service (reverse start order); returns what was stopped."""
         state = self._load()
         stopped = []
+        for name, node in state.pop("nodes", {}).items():  # added nodes before their head
+            if self._stop(Service(**node)):
+                stopped.append(name)
         for name in reversed(SERVICES):
             svc = state["services"].pop(name, None)
             if svc is None:
@@ -388,7 +435,7 @@ class LocalStack:
 
     def _stop(self, svc: Service) -> bool:
         was_alive = pid_alive(svc.pid)
-        for sig, wait in ((signal.SIGTERM, STOP_GRACE_S[svc.name]), (signal.SIGKILL, 5.0)):
+        for sig, wait in ((signal.SIGTERM, STOP_GRACE_S.get(svc.name, STOP_GRACE_S["ray"])), (signal.SIGKILL, 5.0)):
             _kill_group_or_pid(svc.pid, sig)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline and _group_alive(svc.pid):

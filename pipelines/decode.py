@@ -176,8 +176,13 @@ class SampleDecoder:
 
 
 def skip_counter(name: str | None = None):
-    """A Ray actor that sums skip counts from every decode task (get_if_exists by name)."""
+    """A Ray actor that sums skip counts from every decode task (get_if_exists by name).
+
+    It lives on the creating driver's node (the head for a job), so losing a worker node
+    does not take it, and training that resumes on a replacement node can still report
+    to it; should its node go anyway, Ray restarts it (the counts then start again)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0)
     class SkipCounter:
@@ -190,5 +195,6 @@ def skip_counter(name: str | None = None):
         def get(self) -> dict:
             return dict(self.counts)
 
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     options = {"name": name, "get_if_exists": True} if name else {}
-    return SkipCounter.options(**options).remote()
+    return SkipCounter.options(scheduling_strategy=here, max_restarts=-1, max_task_retries=-1, **options).remote()

@@ -34,13 +34,30 @@ def sample(stack, s3):
     stack. Per module: the S3 fault test restarts the in-memory S3 server, which empties it."""
     import mlflow
 
+    root = write_samples(stack, s3)
+    mlflow.set_tracking_uri(stack.env()["MLFLOW_TRACKING_URI"])
+    return root
+
+
+def write_samples(stack, s3) -> str:
+    """The sample data the recipes' tiny variants read (and their held-out images) in the stack's bucket."""
     from pipelines.sample_data import build_sample_dataset
 
     root = f"s3://{stack.bucket}"
     build_sample_dataset(f"{root}/sample", s3, 32, 16, shard_size=8, size=128, log=lambda m: None)
     build_sample_dataset(f"{root}/sample-eval", s3, 4, 0, seed=1, shard_size=4, size=128, log=lambda m: None)
-    mlflow.set_tracking_uri(stack.env()["MLFLOW_TRACKING_URI"])
     return root
+
+
+def recorded_samples(s3, runs: str) -> tuple[list[str], list[str]]:
+    """What `train.record_samples` wrote for a run: the recorded steps, and every sample key
+    trained on (rank 0's, then rank 1's, each in step order)."""
+    import json
+
+    records = s3.list_keys(f"{runs}/samples/")
+    steps = sorted({k.rsplit("/", 1)[1].split("-rank")[0] for k in records})
+    per_rank = [[key for k in sorted(records) if k.endswith(f"-rank-{r}.json") for key in json.loads(s3.get_bytes(k))] for r in (0, 1)]
+    return steps, per_rank
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ Every recipe's tiny variant runs through `unilip train all` (ZeRO-2, bf16 as shi
 run, under ZeRO-3, loses a worker twice in one shuffled epoch and resumes; one finished
 run is restarted with more steps and other order settings."""
 
-import json
 import math
 import re
 
@@ -19,7 +18,7 @@ from jobs.recipes import chain
 from jobs.train import EXPERIMENT
 from pipelines.sample_data import build_sample_dataset
 from pipelines.shards import read_manifest
-from tests.conftest import run_cli
+from tests.conftest import recorded_samples, run_cli
 from unilip.artifacts import fetch_model
 from unilip.model import UniLIP
 
@@ -124,11 +123,8 @@ def test_worker_killed_twice_in_a_shuffled_epoch_resumes_with_every_sample_once_
     resumed = [int(n) for n in re.findall(r"resumed from step (\d+)", logs)]
     assert len(resumed) == 2 and resumed[0] in (2, 4) and resumed[1] in (6, 8), logs[-6000:]
     runs = f"s3://{stack.bucket}/runs/kill"
-    records = s3.list_keys(f"{runs}/samples/")
-    steps = sorted({k.rsplit("/", 1)[1].split("-rank")[0] for k in records})
+    steps, per_rank = recorded_samples(s3, runs)
     assert steps == [f"step-{i:08d}" for i in range(1, 13)]  # the right number of steps, each recorded once
-    per_rank = {r: [key for k in sorted(records) if k.endswith(f"-rank-{r}.json") for key in json.loads(s3.get_bytes(k))]
-                for r in (0, 1)}  # fmt: skip
     keys = per_rank[0] + per_rank[1]
     manifest = read_manifest(f"{sample}/many/generation", s3)
     assert len(keys) == len(set(keys)) == manifest.samples  # no repeats, no gaps
