@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from cluster.local import LocalStack
+from cluster.local import LocalStack, patched_environ
 from pipelines.sample_data import build_sample_dataset
 from pipelines.shards import read_manifest
 from tests.conftest import ROOT, recorded_samples, write_samples
@@ -43,24 +43,25 @@ def add_node(st, name: str) -> None:
     st.add_node(name, num_cpus=2, resources={name: 1})
 
 
-def dashboard(st) -> str:
-    return f"http://127.0.0.1:{st.services()['ray'].ports['dashboard']}"
+def state(st, kind: str, **kwargs) -> list:
+    """Ray's state API on this cluster. It prefers RAY_API_SERVER_ADDRESS to its `address`
+    argument, and the session's stack sets that variable: this cluster's environment wins here."""
+    from ray.util import state as api
+
+    with patched_environ(st.env()):
+        # the dead nodes are filtered out on the server: not a truncation
+        return getattr(api, f"list_{kind}")(filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False, **kwargs)
 
 
 def node_names(st) -> dict[str, str]:
     """Ray node id -> the name the test gave the node (the head: "head")."""
-    from ray.util.state import list_nodes
-
-    nodes = list_nodes(address=dashboard(st), filters=[("state", "=", "ALIVE")], detail=True)
+    nodes = state(st, "nodes", detail=True)
     return {n.node_id: next((k for k in n.resources_total if k.startswith("node-")), "head") for n in nodes}
 
 
 def train_workers(st) -> dict[str, str]:
     """Alive Ray Train workers: actor id -> node id."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=dashboard(st), filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    return {a.actor_id: a.node_id for a in actors}
+    return {a.actor_id: a.node_id for a in state(st, "actors") if a.class_name == "RayTrainWorker"}
 
 
 def test_training_survives_losing_a_worker_node_with_every_sample_once(cluster, tmp_path):
@@ -100,10 +101,7 @@ def test_training_survives_losing_a_worker_node_with_every_sample_once(cluster, 
 
 def model_replicas(st) -> dict[str, str]:
     """Alive UniLIPModel replicas of the Serve application: actor id -> node id."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=dashboard(st), filters=[("state", "=", "ALIVE")], limit=1000)
-    return {a.actor_id: a.node_id for a in actors if a.class_name.startswith("ServeReplica:") and a.class_name.endswith(":UniLIPModel")}
+    return {a.actor_id: a.node_id for a in state(st, "actors") if a.class_name.startswith("ServeReplica:") and a.class_name.endswith(":UniLIPModel")}
 
 
 def replicas_when(st, n: int) -> dict[str, str] | None:
