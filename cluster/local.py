@@ -322,6 +322,11 @@ class LocalStack:
         svc = Service("mlflow", pid, port, log)
         return svc, lambda: _http_ok(f"{svc.address}/health"), 120.0
 
+    def _ray_process_env(self) -> dict[str, str]:
+        # Job drivers and workers run `python` from PATH: the project's interpreter comes first.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        return {**self.env(), **self.ray_env, "PATH": path}
+
     def _start_ray(self, old: Service | None, state: dict):
         # Ray's unix sockets live under its temp dir and must stay under ~107 chars: keep it short.
         temp = tempfile.mkdtemp(prefix="unilip-ray-", dir="/tmp")
@@ -341,9 +346,7 @@ class LocalStack:
         ]  # fmt: skip
         if self.num_cpus:
             cmd += ["--num-cpus", str(self.num_cpus)]
-        # Job drivers run `python` from PATH: the project's interpreter comes first.
-        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        pid, log = self._spawn("ray", cmd, {**self.env(), **self.ray_env, "PATH": path})
+        pid, log = self._spawn("ray", cmd, self._ray_process_env())
         svc = Service("ray", pid, gcs, log, ports=ports)
         state["ray_temp_dir"] = temp
         dashboard = f"http://{HOST}:{ports['dashboard']}/api/version"
@@ -369,8 +372,7 @@ class LocalStack:
         ]  # fmt: skip
         if resources:
             cmd += ["--resources", json.dumps(resources)]
-        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        pid, log = self._spawn(name, cmd, {**self.env(), **self.ray_env, "PATH": path})
+        pid, log = self._spawn(name, cmd, self._ray_process_env())
         svc = Service(name, pid, ports["node-manager"], log, ports=ports)
         state.setdefault("nodes", {})[name] = asdict(svc)
         self._save(state)
