@@ -11,6 +11,7 @@ Every rejected request gets a 4xx JSON body in OpenAI's error shape,
 """
 
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -215,17 +216,24 @@ class Api:
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key")
 
     async def _call(self, method: str, *args):
-        """Call the model deployment; loading -> 503, overload -> 503, bad input -> 400."""
+        """Call the model deployment; not loaded -> 503, overload -> 503, bad input -> 400. A
+        request whose replica is lost (its node died) runs once more on another: every request
+        is a pure function of its inputs and seeds. Lost twice -> 503."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError
 
-        if not self.ready:  # once loaded a model stays loaded: ask until then, not per request
+        if not self.ready:  # a replica answers once its model is loaded, or to say why it failed
             status = await self.model.status.remote()
             if not status["ready"]:
-                why = f"the model failed to load: {status['error']}" if status["error"] else "the model is still loading"
-                raise ApiError(503, why, code="model_not_ready")
+                raise ApiError(503, f"the model failed to load: {status['error']}", code="model_not_ready")
             self.ready = True
         try:
-            return await getattr(self.model, method).remote(*args)
+            try:
+                return await getattr(self.model, method).remote(*args)
+            except (RayActorError, ActorUnavailableError):
+                return await getattr(self.model, method).remote(*args)
+        except (RayActorError, ActorUnavailableError):
+            raise ApiError(503, "the model replica was lost; retry shortly", code="replica_lost") from None
         except BackPressureError:
             raise ApiError(503, "the server is at capacity; retry shortly", code="overloaded") from None
         except ValueError as e:  # the model's own checks (prompt tokens, reserved tokens)
@@ -318,5 +326,8 @@ class Api:
 
     @app.get("/readyz")
     async def readyz(self):
-        status = await self.model.status.remote()
+        try:  # no replica up (all lost, or the first still loading): a handle call would wait for one
+            status = await asyncio.wait_for(self.model.status.remote(), timeout=3)
+        except asyncio.TimeoutError:
+            status = {"ready": False, "error": None, "reason": "no model replica is up yet"}
         return JSONResponse(status, status_code=200 if status["ready"] else 503)

@@ -1,4 +1,9 @@
-"""The model deployment: one UniLIP per replica, loaded in the background, requests batched.
+"""The model deployment: one UniLIP per replica, loaded in its constructor, requests batched.
+
+Serve routes nothing to a replica before its constructor returns, so a replica added by the
+autoscaler or replacing one on a lost node never answers before its model is loaded. A
+model that fails to load leaves the replica up to report why (`status`), and its failing
+health check has Serve replace it.
 
 Generation and editing requests that arrive together are run as one model call per
 (task, guidance, steps) group; the sampler computes each call's conditional and
@@ -11,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import io
 import random
-import threading
 from itertools import groupby
 
 from ray import serve
@@ -29,7 +33,7 @@ class UniLIPModel:
         self.model_uri, self.dtype, self.model, self.error = model_uri, dtype, None, None
         self.images.set_max_batch_size(max_batch_size)
         self.images.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        threading.Thread(target=self._load, daemon=True).start()  # readiness stays false until loaded
+        self._load()
 
     def _load(self) -> None:
         try:
@@ -45,13 +49,17 @@ class UniLIPModel:
         except Exception as e:  # reported by status(); the replica stays up to say why
             self.error = f"{type(e).__name__}: {e}"
 
+    def _ready_model(self):
+        if self.model is None:
+            raise RuntimeError(f"model failed to load: {self.error}")
+        return self.model
+
     def status(self) -> dict:
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.") if self.model is not None else None
         return {"ready": self.model is not None, "error": self.error, "model": self.model_uri, "dtype": dtype}
 
     def check_health(self) -> None:
-        if self.error:
-            raise RuntimeError(f"model failed to load: {self.error}")
+        self._ready_model()
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def images(self, requests: list[dict]) -> list[dict]:
@@ -60,11 +68,12 @@ class UniLIPModel:
         return await asyncio.to_thread(self._run_images, requests)
 
     def _run_images(self, requests: list[dict]) -> list[dict]:
+        model = self._ready_model()
         results: list[dict | None] = [None] * len(requests)
         jobs = []
         for i, r in enumerate(requests):
             try:
-                self.model.check_prompts([r["prompt"]])
+                model.check_prompts([r["prompt"]])
             except ValueError as e:
                 results[i] = {"error": str(e)}
                 continue
@@ -77,16 +86,16 @@ class UniLIPModel:
             seeds = [s for _, _, seeds in group for s in seeds]
             sampling = dict(guidance_scale=guidance, steps=steps, seed=seeds)
             if task == "editing":
-                out = self.model.edit([r["image"] for _, r, s in group for _ in s], prompts, **sampling)
+                out = model.edit([r["image"] for _, r, s in group for _ in s], prompts, **sampling)
             else:
-                out = self.model.generate(prompts, **sampling)
+                out = model.generate(prompts, **sampling)
             for i, r, s in group:
                 results[i] = {"images": [png(im) for im in out[: len(s)]]}
                 out = out[len(s) :]
         return results
 
     async def reconstruct(self, image) -> bytes:
-        return png((await asyncio.to_thread(self.model.reconstruct, [image]))[0])
+        return png((await asyncio.to_thread(self._ready_model().reconstruct, [image]))[0])
 
     async def understand(self, image, question: str, max_tokens: int) -> str:
-        return await asyncio.to_thread(self.model.understand, image, question, max_tokens)
+        return await asyncio.to_thread(self._ready_model().understand, image, question, max_tokens)

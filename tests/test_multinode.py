@@ -2,7 +2,9 @@
 nodes, each its own raylet started with `ray start` in its own session), with the
 embedded S3 and MLflow. A training run with one worker on each worker node loses one
 node (its raylet and every process on it, SIGKILL) mid-epoch; once a replacement node
-joins, the run resumes from its S3 checkpoint and trains every sample of the epoch once.
+joins, the run resumes from its S3 checkpoint and trains every sample of the epoch once. A
+Serve application under steady load scales from 1 to 2 model replicas (one per worker
+node), loses the node of one, recovers once a replacement joins, and scales back to 1.
 
 Placement is fixed by the nodes' CPUs: the head has 1 (job driver and data tasks), each
 worker node 2, and a training worker asks for 1.5, so no node holds two and the head none.
@@ -96,3 +98,104 @@ def test_training_survives_losing_a_worker_node_with_every_sample_once(cluster, 
     keys = per_rank[0] + per_rank[1]
     assert len(keys) == len(set(keys)) == read_manifest(f"{root}/many/generation", s3).samples  # none lost, none repeated
 
+
+def model_replicas(st) -> dict[str, str]:
+    """Alive UniLIPModel replicas of the Serve application: actor id -> node id."""
+    return {a.actor_id: a.node_id for a in state(st, "actors") if a.class_name.startswith("ServeReplica:") and a.class_name.endswith(":UniLIPModel")}
+
+
+def replicas_when(st, n: int) -> dict[str, str] | None:
+    replicas = model_replicas(st)
+    return replicas if len(replicas) == n else None
+
+
+class Load:
+    """Clients posting generation requests back to back; every answer's time and status."""
+
+    def __init__(self, url: str, clients: int):
+        import threading
+
+        self.url, self.stop, self.results = url, threading.Event(), []
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def _client(self, i: int) -> None:
+        import requests
+
+        n = 0
+        while not self.stop.is_set():
+            try:
+                r = requests.post(f"{self.url}/v1/images/generations", timeout=60,
+                                  json={"prompt": f"fox {i} {n}", "num_inference_steps": 1, "seed": n})  # fmt: skip
+                status = r.status_code
+            except requests.RequestException:
+                status = 0
+            self.results.append((time.monotonic(), status))
+            if status != 200:  # as a client should: wait before asking again (the 503s say 1 s)
+                time.sleep(1)
+            n += 1
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=90)
+
+
+def wait_for(what, check, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{what} not seen after {timeout:.0f} s")
+
+
+def test_serve_survives_losing_a_node_and_scales_with_load(cluster, tmp_path):
+    import yaml
+
+    from serve.app import ServeProcess
+    from unilip.model import UniLIP
+
+    model_dir = UniLIP.from_preset("tiny").save_pretrained(tmp_path / "unilip-tiny")
+    config = yaml.safe_load((ROOT / "serve" / "serve.yaml").read_text())
+    deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    # a replica per worker node (2 CPUs each; the head's 1 cannot hold one), 1 to 2 of them,
+    # scaled within seconds
+    deployments["UniLIPModel"].update(max_ongoing_requests=2, ray_actor_options={"num_cpus": 2}, autoscaling_config={
+        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1, "downscale_delay_s": 5,
+        "look_back_period_s": 12})  # fmt: skip
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with ServeProcess(str(model_dir), "--config", str(path), env=cluster.env(), log=tmp_path / "serve.log") as server:
+        assert len(model_replicas(cluster)) == 1  # idle: the minimum
+        load = Load(server.url, clients=4)
+        try:
+            replicas = wait_for("2 replicas under load", lambda: replicas_when(cluster, 2), 180)
+            names = node_names(cluster)
+            on = sorted(names[n] for n in replicas.values())
+            assert len(set(on)) == 2 and "head" not in on, on  # on different worker nodes
+            time.sleep(5)
+            killed_at = time.monotonic()
+            cluster.kill_node(on[0])
+            add_node(cluster, "node-4")  # the replacement machine
+            wait_for("2 replicas again", lambda: replicas_when(cluster, 2), 180)
+            wait_for("8 answers in a row", lambda: len(load.results) > 8 and all(s == 200 for _, s in load.results[-8:]), 180)
+        finally:
+            load.close()
+        before = [s for t, s in load.results if t < killed_at]
+        after = [(t - killed_at, s) for t, s in load.results if t >= killed_at]
+        failed = [t for t, s in after if s != 200]
+        last_failure = max(failed, default=0.0)
+        recovered = min((t for t, s in after if s == 200 and t > last_failure), default=None)
+        # a replica added by the autoscaler takes requests only once its model is loaded
+        assert len(before) >= 8 and set(before) == {200}, before
+        print(f"node lost under load: {len(failed)} of {len(after)} requests failed (statuses "
+              f"{sorted({s for _, s in after if s != 200})}); all succeed again {recovered} s after the loss")
+        statuses = sorted({s for _, s in after if s != 200})
+        # requests succeed again within a bounded time: the node's death is noticed (Ray's
+        # heartbeats), then the replica's (Serve's health check: every 10 s, 30 s timeout)
+        assert recovered is not None and recovered < 180, statuses
+        assert sum(s == 200 for t, s in after if t > recovered) >= 8  # and keep succeeding
+        wait_for("back to 1 replica after the load", lambda: replicas_when(cluster, 1), 120)
