@@ -1,4 +1,5 @@
-"""Serving: `unilip serve` (real Ray Serve on 127.0.0.1) with the tiny model, through the
+"""Serving: `unilip serve` (real Ray Serve on 127.0.0.1) with a tiny model converted from a
+release checkpoint (`unilip convert official`), through the
 official `openai` client and raw HTTP: generations, edits, chat, reconstructions, bad
 input, auth and concurrent load."""
 
@@ -14,14 +15,20 @@ import requests
 from PIL import Image
 
 from serve.app import ServeProcess
-from unilip.model import UniLIP
+from tests.conftest import run_cli
+from tests.release_fixture import perturbed_tiny, write_release
 
 KEY = "test-key-123"
 
 
 @pytest.fixture(scope="module")
 def server(stack, tmp_path_factory):
-    model_dir = UniLIP.from_preset("tiny").save_pretrained(tmp_path_factory.mktemp("serve") / "unilip-tiny")
+    # the model served: a release checkpoint converted by `unilip convert official` (tests/test_official.py)
+    root = tmp_path_factory.mktemp("serve")
+    release = write_release(perturbed_tiny(), root / "UniLIP-tiny")
+    converted = run_cli("convert", "official", "--src", str(release), "--out", str(root / "unilip-tiny"))
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    model_dir = root / "unilip-tiny"
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     proc = ServeProcess(str(model_dir), "--api-key-env", "UNILIP_TEST_KEY", env={"UNILIP_TEST_KEY": KEY}, log=log)
     with proc:

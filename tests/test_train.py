@@ -19,6 +19,7 @@ from jobs.train import EXPERIMENT
 from pipelines.sample_data import build_sample_dataset
 from pipelines.shards import read_manifest
 from tests.conftest import recorded_samples, run_cli
+from tests.release_fixture import perturbed_tiny, write_release
 from unilip.artifacts import fetch_model
 from unilip.model import UniLIP
 
@@ -147,3 +148,27 @@ def test_worker_killed_twice_in_a_shuffled_epoch_resumes_with_every_sample_once_
     again = train("recon-stage1", "--run-name", "kill", "--set", "train.zero_stage=3", "--set", "train.steps=12",
                   "--set", f"data.sources.0.uri={sample}/many/generation")  # fmt: skip
     assert "already finished and exported" in again
+
+
+def test_gen_stage3_trains_from_a_converted_release_checkpoint(stack, sample, tmp_path):
+    """A release checkpoint -> `unilip convert official --register` -> `unilip train gen-stage3 --from models:/...`."""
+    tiny = perturbed_tiny()
+    release = write_release(tiny, tmp_path / "UniLIP-tiny")
+    converted = run_cli("convert", "official", "--src", str(release), "--out", str(tmp_path / "converted"),
+                        "--register", "unilip-tiny-release")  # fmt: skip
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    assert "registered models:/unilip-tiny-release/1" in converted.stdout
+    train("gen-stage3", "--from", "models:/unilip-tiny-release/1", "--run-name", "from-release", "--set", "train.steps=2",
+          "--set", "train.checkpoint_every=2", "--set", "train.eval_every=2")  # fmt: skip
+    run = mlflow_run("from-release")
+    assert loss_steps(run) == [1, 2]
+    registered = run.data.tags["unilip.registered"]
+    version = mlflow.MlflowClient().get_model_version("unilip-tiny-gen-stage3", registered.rsplit("/", 1)[1])
+    assert version.tags["from"] == "models:/unilip-tiny-release/1"
+    trained = UniLIP.from_pretrained(fetch_model(registered))
+    # gen-stage3 trains the generator; the release's encoder and pixel decoder come through unchanged
+    for part in ("encoder", "pixel_decoder", "down_proj"):
+        got, want = trained.components()[part].state_dict(), tiny.components()[part].state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), part
+    got, want = trained.components()["dit"].state_dict(), tiny.components()["dit"].state_dict()
+    assert not all(torch.equal(got[k], want[k]) for k in want)  # and the DiT trained from the release's weights

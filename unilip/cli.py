@@ -7,6 +7,9 @@
     unilip recipe show gen-stage2 --set train.lr=2e-4
     unilip plan gen-stage2 --gpus 16 --gpu a100-80g
     unilip model summary --preset unilip-1b
+    unilip convert official --src ./UniLIP-1B --out ./unilip-1b-release --register unilip-1b-release
+    unilip eval geneval --model ./unilip-1b-release --out ./eval/unilip-1b --gpus 8
+    unilip eval check geneval ./eval/unilip-1b; unilip eval summarize geneval ./eval/unilip-1b
     unilip bench model --preset unilip-1b --init random --device cuda --json bench.json
     unilip submit recon-stage1 --preset unilip-1b --workers 4 --gpu --address http://HEAD:8265 --follow
     unilip jobs list|status|logs|stop [JOB_ID] --address http://HEAD:8265
@@ -232,6 +235,92 @@ def _model(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from unilip.official import convert_official
+
+    sources = {"mllm": args.mllm, "dit": args.dit, "dcae": args.dcae}
+    report = convert_official(args.src, args.out, args.preset, sources)
+    print("\n".join(report.lines()))
+    if args.register:
+        print(f"registered {_register_converted(args.out, args.register, args.src)}")
+    return 0
+
+
+def _register_converted(model_dir: str, name: str, src: str) -> str:
+    """Log a converted model directory as an MLflow run's artifacts and register it."""
+    import json
+    import os
+    from pathlib import Path
+
+    from jobs.tracking import Tracker
+
+    release = json.loads((Path(model_dir) / "config.json").read_text())["converted_from"]
+    tracker = Tracker(os.environ.get("MLFLOW_TRACKING_URI"), "unilip-convert", f"convert-{name}", None, release)
+    try:
+        return tracker.register(Path(model_dir), name, {"source": src, "summary": f"converted from the release checkpoint {src}"})
+    finally:
+        tracker.end()
+
+
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from jobs.benchmarks import benchmark
+
+    if args.bench_command == "recon":
+        from jobs.recon_eval import run_recon
+
+        run_recon(args.model, args.data, args.out, args.size, args.fid_weights, args.batch, args.gpus, args.actors, args.limit, args.dtype)
+        return 0
+    if args.bench_command in ("check", "summarize"):
+        from jobs.eval_images import bench_files
+
+        bench = benchmark(args.name)
+        files = bench_files(bench, args.out, args.bench)
+        if args.bench_command == "check":
+            problems = bench.check(Path(args.out), files, args.n)
+            for p in problems[:50]:
+                print(f"  {p}")
+            print(f"{bench.name}: {'layout ok' if not problems else f'{len(problems)} problems'} ({args.out})")
+            return 0 if not problems else 1
+        from jobs.eval_images import log_scores
+
+        scores = bench.summarize(Path(args.out), files)
+        for k, v in scores.items():
+            print(f"{k:<28} {v:.4f}")
+        if run := log_scores(bench.name, args.out, scores):
+            print(f"logged to MLflow run {run}")
+        return 0
+    from jobs.eval_images import Sampling, run_eval
+
+    bench = benchmark(args.bench_command)
+    sampling = Sampling(args.guidance, args.steps, args.solver)
+    run_eval(bench, args.model, args.out, args.bench, sampling, args.n, args.seed, args.batch, args.gpus, args.actors, args.limit,
+             args.dtype, args.allow_unpinned)  # fmt: skip
+    if args.score:
+        _score(bench, args)
+    return 0
+
+
+def _score(bench, args) -> None:
+    """Run the benchmark's official scorer in its own environment, then summarize."""
+    import subprocess
+    from pathlib import Path
+
+    files = bench.locate(args.bench)
+    if not args.scorer_repo:
+        raise ValueError(f"--score needs --scorer-repo (the official {bench.source.split('@')[0]} checkout) and --scorer-python")
+    argv = bench.score_argv(Path(args.out), files, Path(args.scorer_repo), args.scorer_python, vars(args))
+    if argv is None:
+        raise ValueError(f"{bench.name} is scored by an API judge: run the commands printed above with your key")
+    cmd, cwd = argv
+    print(f"[eval] scoring: {' '.join(cmd)}", flush=True)
+    if subprocess.run(cmd, cwd=cwd).returncode != 0:
+        raise ValueError(f"the {bench.name} scorer failed (its output is above)")
+    args.bench_command, args.name = "summarize", bench.name
+    _eval(args)
+
+
 def _load_model(args):
     from unilip.model import UniLIP
 
@@ -446,6 +535,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a ModelConfig field (init), e.g. init=random")  # fmt: skip
     p.set_defaults(func=_model)
+
+    convert = sub.add_parser("convert", help="convert other checkpoints to this project's model directory").add_subparsers(
+        dest="convert_command", required=True, metavar="FORMAT")  # fmt: skip
+    p = convert.add_parser("official", help="the authors' released UniLIP-1B/3B (kanashi6/UniLIP-*) -> a model directory")
+    p.add_argument("--src", required=True, help="the release directory (config.json + safetensors), or an s3:// prefix holding it")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--preset", help="tiny | unilip-1b | unilip-3b (default: from the release's mllm_hf_path)")
+    p.add_argument("--register", metavar="NAME", help="also register the result in MLflow as NAME ($MLFLOW_TRACKING_URI)")
+    for part in ("mllm", "dit", "dcae"):
+        p.add_argument(f"--{part}", help=f"where the frozen {part} comes from (default: the preset's hub id; a directory or s3://)")
+    p.set_defaults(func=_convert)
+
+    evals = sub.add_parser("eval", help="the paper's benchmarks: images as the official scorers read them, check, summarize").add_subparsers(
+        dest="bench_command", required=True, metavar="BENCH")  # fmt: skip
+    from jobs.benchmarks import BENCHMARKS
+
+    for name, bench in BENCHMARKS.items():
+        p = evals.add_parser(name, help=f"{bench.source}: {bench.images_per_prompt} image(s) per prompt")
+        p.add_argument("--model", required=True, help="DIR, s3://..., models:/NAME/VERSION")
+        p.add_argument("--out", required=True, help="output directory or s3:// prefix (the scorer's layout goes under OUT/" + name + ")")
+        p.add_argument("--bench", help=bench.bench_help)
+        p.add_argument("--n", type=int, help=f"images per prompt (default {bench.images_per_prompt}, the papers')")
+        p.add_argument("--seed", type=int, default=42, help="image k of a prompt gets seed + k (default 42)")
+        p.add_argument("--batch", type=int, default=8, help="images per model call (default 8); results depend on it, not on --gpus")
+        p.add_argument("--gpus", type=int, default=0, help="GPU actors, one GPU each (default 0: CPU actors)")
+        p.add_argument("--actors", type=int, default=1, help="CPU actors when --gpus is 0 (default 1)")
+        p.add_argument("--limit", type=int, help="only the first N prompts (a smoke test; the layout check then only reports)")
+        p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance (default 4.5, the papers')")
+        p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+        p.add_argument("--solver", choices=["dpm", "euler"], default="dpm", help="default dpm: the release's DPM-Solver++")
+        p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
+        p.add_argument("--allow-unpinned", action="store_true", help="accept bench files whose sha256 is not the pinned one")
+        p.add_argument("--score", action="store_true", help="then run the official scorer (geneval, dpg: offline) and summarize")
+        p.add_argument("--scorer-repo", help="--score: the official scorer's checkout")
+        p.add_argument("--scorer-python", default="python", help="--score: the scorer environment's python (default python)")
+        p.add_argument("--detector-dir", help="--score geneval: the folder with the Mask2Former checkpoint")
+        p.set_defaults(func=_eval)
+    p = evals.add_parser("recon", help="rFID, PSNR, SSIM (and the release's SSIM) of reconstructions")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="an image folder, or a source (manifest.json + shards; local or s3://)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=448, help="evaluation resolution (default 448)")
+    p.add_argument("--fid-weights", help="pt_inception-2015-12-05-6726825d.pth (or .safetensors): rFID; without it, PSNR/SSIM only")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--gpus", type=int, default=0)
+    p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    p.set_defaults(func=_eval)
+    for action, text in (("check", "validate OUT's layout as the official scorer reads it"),
+                         ("summarize", "the official scorer's outputs -> the benchmark's scores (and MLflow)")):  # fmt: skip
+        p = evals.add_parser(action, help=text)
+        p.add_argument("name", choices=list(BENCHMARKS), metavar="BENCH")
+        p.add_argument("out", help="the eval's output directory")
+        p.add_argument("--bench", help="the bench files (default: those OUT/BENCH.run.json names)")
+        p.add_argument("--n", type=int, help="images per prompt expected (check)")
+        p.set_defaults(func=_eval)
 
     for name, text in (("generate", "text -> images"), ("edit", "image + instruction -> edited image")):
         p = sub.add_parser(name, help=f"{text} (PNG files)")

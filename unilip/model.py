@@ -312,9 +312,8 @@ class UniLIP(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         parts = self.components()
         for name in self.saved_parts():
-            part = parts[name]
-            state = {"queries": part.detach()} if isinstance(part, nn.Parameter) else part.state_dict()
-            state = {k: (v.float() if v.is_floating_point() else v).detach().contiguous().cpu() for k, v in state.items()}
+            state = {k: (v.float() if v.is_floating_point() else v).detach().contiguous().cpu()
+                     for k, v in component_state(parts[name]).items()}  # fmt: skip
             save_file(state, str(out / f"{name}.safetensors"))  # fp32, whatever the training precision
         config = {
             "format": "unilip",
@@ -376,6 +375,11 @@ class UniLIP(nn.Module):
         self.load_parts(recon_dir, names)
         self.trained_parts |= set(names)
         return names
+
+
+def component_state(part: nn.Module | nn.Parameter) -> dict[str, torch.Tensor]:
+    """A component's tensors as its safetensors file holds them (the queries: one tensor)."""
+    return {"queries": part} if isinstance(part, nn.Parameter) else part.state_dict()
 
 
 def check_text(text) -> None:

@@ -49,6 +49,7 @@ class Parts:
 INITS = ("pretrained", "random")
 ATTENTION = "sdpa"  # every part's attention: torch's fused scaled_dot_product_attention (flash / memory-efficient on CUDA)
 PRESETS: dict[str, Callable[..., Parts]] = {}  # name -> factory(init, device)
+SOURCES: dict[str, Sources] = {}  # name -> where its parts come from
 
 
 def register(name: str):
@@ -121,7 +122,10 @@ def tiny(init: str = "pretrained", device=None) -> Parts:
             caption_channels=48, sample_size=16, patch_size=1,
         )  # fmt: skip
     mllm.eval(), dcae.eval(), dit.eval()
-    return Parts(mllm, tokenizer, dcae, dit, Sources(mllm="tiny", dit="tiny", dcae="tiny", unilip_factor=1.0))
+    return Parts(mllm, tokenizer, dcae, dit, SOURCES["tiny"])
+
+
+SOURCES["tiny"] = Sources(mllm="tiny", dit="tiny", dcae="tiny", unilip_factor=1.0)
 
 
 # ----------------------------------------------------------------------------- real
@@ -184,7 +188,7 @@ def random_parts(sources: Sources, mllm: dict, dit: dict, device=None) -> Parts:
     return parts
 
 
-def _real(sources: Sources, mllm: dict, dit: dict) -> Callable[..., Parts]:
+def _real(name: str, sources: Sources, mllm: dict, dit: dict) -> None:
     def build(init: str = "pretrained", device=None) -> Parts:
         if init == "random":
             return random_parts(sources, mllm, dit, device)
@@ -193,10 +197,11 @@ def _real(sources: Sources, mllm: dict, dit: dict) -> Callable[..., Parts]:
             parts.mllm, parts.dcae, parts.dit = parts.mllm.to(device), parts.dcae.to(device), parts.dit.to(device)
         return parts
 
-    return build
+    register(name)(build)
+    SOURCES[name] = sources
 
 
-register("unilip-1b")(_real(Sources("OpenGVLab/InternVL3-1B-hf", "Efficient-Large-Model/Sana_600M_512px_diffusers", DCAE, 10.6),
-                            INTERNVL3_1B, SANA_600M_512PX))  # fmt: skip
-register("unilip-3b")(_real(Sources("OpenGVLab/InternVL3-2B-hf", "Efficient-Large-Model/Sana_1600M_512px_diffusers", DCAE, 9.5),
-                            INTERNVL3_2B, SANA_1600M_512PX))  # fmt: skip
+_real("unilip-1b", Sources("OpenGVLab/InternVL3-1B-hf", "Efficient-Large-Model/Sana_600M_512px_diffusers", DCAE, 10.6),
+      INTERNVL3_1B, SANA_600M_512PX)  # fmt: skip
+_real("unilip-3b", Sources("OpenGVLab/InternVL3-2B-hf", "Efficient-Large-Model/Sana_1600M_512px_diffusers", DCAE, 9.5),
+      INTERNVL3_2B, SANA_1600M_512PX)  # fmt: skip

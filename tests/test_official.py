@@ -1,0 +1,140 @@
+"""`unilip convert official`: the authors' released checkpoints -> this project's model.
+
+A synthetic release (the tiny preset's shapes under the release's names and file layout,
+`tests/release_fixture.py`) converts, loads, and gives the outputs of the same weights
+loaded natively; the real UniLIP-1B key list maps onto the unilip-1b model built on the
+meta device; broken releases fail on their first bad key, and pickles are never read.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import run_cli
+from tests.release_fixture import key_patterns, official_1b_keys, perturbed_tiny, release_state, write_release
+from unilip.model import UniLIP, component_state
+from unilip.official import ConversionError, convert_official, expected_shapes, plan, release_model_config
+
+QUIET = dict(log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return perturbed_tiny()
+
+
+@pytest.fixture(scope="module")
+def native(tiny, tmp_path_factory):
+    """The same weights saved and loaded the project's own way."""
+    return UniLIP.from_pretrained(tiny.save_pretrained(tmp_path_factory.mktemp("native") / "model"))
+
+
+def test_the_synthetic_release_has_the_real_release_layout(tiny):
+    # the renamed parts, key for key (layer numbers aside); the DiT and DC-AE decoder are
+    # copied under their diffusers names, and the LLM is dropped, so their tiny shapes differ
+    copied = ("model.dit.", "model.vae_decoder.decoder.", "model.language_model.")
+    renamed = lambda keys: {k for k in key_patterns(keys) if not k.startswith(copied)}  # noqa: E731
+    real, synthetic = renamed(official_1b_keys()), renamed(release_state(tiny))
+    assert real - synthetic == {"model.vision_tower.encoder.layers.N.attn.qkv.bias"}  # the tiny ViT has no qkv bias
+    assert synthetic <= real
+
+
+def test_the_real_1b_release_maps_onto_the_unilip_1b_model():
+    """Every key and shape of the real checkpoint against the model the preset builds (meta)."""
+    the_plan = plan(official_1b_keys(), expected_shapes(release_model_config({"n_query": 256, "connect_layer": 6}, "unilip-1b")))
+    per_component = {}
+    for move in the_plan.moves:
+        per_component[move.component] = per_component.get(move.component, 0) + 1
+    assert per_component == {"encoder": 442, "down_proj": 24, "pixel_decoder": 196, "queries": 1, "connector": 73,
+                             "caption_projector": 2, "dit": 548}  # fmt: skip
+    assert len(the_plan.unused) == 291  # the frozen LLM (290 tensors) and lm_head
+    assert list(the_plan.created) == [("connector", "model.embed_tokens.weight")]
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_converted_release_loads_and_equals_the_native_model(tiny, native, tmp_path, shards):
+    release = write_release(tiny, tmp_path / "UniLIP-tiny", shards=shards)
+    report = convert_official(str(release), tmp_path / "converted", **QUIET)
+    assert report.preset == "tiny" and sum(report.tensors.values()) == 241
+    model = UniLIP.from_pretrained(tmp_path / "converted")
+    for name, part in model.components().items():
+        got_state, want_state = component_state(part), component_state(native.components()[name])
+        assert got_state.keys() == want_state.keys(), name
+        unused = "model.embed_tokens.weight" if name == "connector" else None  # created: the release has none
+        assert all(torch.equal(got_state[k], want_state[k]) for k in want_state if k != unused), name
+    assert not model.components()["connector"].state_dict()["model.embed_tokens.weight"].any()
+    config = json.loads((tmp_path / "converted" / "config.json").read_text())
+    assert config["model"]["solver"] == "dpm" and config["model"]["guidance_scale"] == 4.5 and config["model"]["num_inference_steps"] == 20
+    assert config["prompt_format"]["generation"] == "Generate an image: {prompt}"
+    assert config["converted_from"]["tensors"] == 311 and config["converted_from"]["n_query"] == 256
+    if shards == 1:  # the four tasks give the native model's outputs
+        pil = [Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8))]
+        for m in (model, native):
+            m.eval()
+        sampling = dict(steps=2, seed=[3])
+        assert torch.equal(model.generate_tensors(["a red fox"], **sampling), native.generate_tensors(["a red fox"], **sampling))
+        assert torch.equal(model.edit_tensors(pil, ["Make it blue."], **sampling), native.edit_tensors(pil, ["Make it blue."], **sampling))
+        pixels = model.preprocess(pil, 448)
+        assert torch.equal(model.reconstruct_tensors(pixels)[0], native.reconstruct_tensors(pixels)[0])
+        assert model.understand(pil[0], "What is it?", 8) == native.understand(pil[0], "What is it?", 8)
+
+
+def _broken(tiny, tmp_path, edit) -> str:
+    release = write_release(tiny, tmp_path / "broken")
+    state = load_file(str(release / "model.safetensors"))
+    edit(state)
+    save_file(state, str(release / "model.safetensors"))
+    return str(release)
+
+
+def test_broken_releases_fail_on_their_first_bad_key(tiny, tmp_path, monkeypatch):
+    def drop(state):
+        del state["model.vae_decoder.down_mlp.1.weight"]
+
+    with pytest.raises(ConversionError, match=r"missing key: nothing in the checkpoint gives down_proj/fc1.weight"):
+        convert_official(_broken(tiny, tmp_path / "a", drop), tmp_path / "out-a", **QUIET)
+
+    def reshape(state):
+        state["model.projector.weight"] = state["model.projector.weight"][:, :-1].contiguous()
+
+    with pytest.raises(ConversionError, match=r"model.projector.weight -> caption_projector/weight: shape \[48, 63\], the model expects \[48, 64\]"):
+        convert_official(_broken(tiny, tmp_path / "b", reshape), tmp_path / "out-b", **QUIET)
+
+    def extra(state):
+        state["model.vision_tower.encoder.layers.0.attn.q_norm.weight"] = torch.ones(64, dtype=torch.bfloat16)
+
+    with pytest.raises(ConversionError, match=r"unrecognised key 'model.vision_tower.encoder.layers.0.attn.q_norm.weight'"):
+        convert_official(_broken(tiny, tmp_path / "c", extra), tmp_path / "out-c", **QUIET)
+
+    # a shard the index lists is missing
+    release = write_release(tiny, tmp_path / "d", shards=2)
+    (release / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ConversionError, match=r"weight file model-00002-of-00002.safetensors missing \(listed in model.safetensors.index.json\)"):
+        convert_official(str(release), tmp_path / "out-d", **QUIET)
+
+    # pickles only: refused, and never opened
+    release = write_release(tiny, tmp_path / "e")
+    state = load_file(str(release / "model.safetensors"))
+    (release / "model.safetensors").unlink()
+    torch.save(state, release / "pytorch_model.bin")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called on a pickle"))
+    with pytest.raises(ConversionError, match=r"holds only pickle weights \(pytorch_model.bin\), which are never loaded"):
+        convert_official(str(release), tmp_path / "out-e", **QUIET)
+
+    # not a release at all: a project model directory
+    with pytest.raises(ConversionError, match=r"model_type None, a UniLIP release has 'unilip_internvl'"):
+        convert_official(str(tiny.save_pretrained(tmp_path / "f")), tmp_path / "out-f", **QUIET)
+
+
+def test_cli_converts_and_errors_name_the_problem(tiny, tmp_path):
+    release = write_release(tiny, tmp_path / "UniLIP-tiny")
+    out = run_cli("convert", "official", "--src", str(release), "--out", str(tmp_path / "converted"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "unused: 75 source tensors, the frozen LLM and its head" in out.stdout
+    assert "created: connector/model.embed_tokens.weight" in out.stdout and "discriminator (reconstruction stages): fresh" in out.stdout
+    bad = run_cli("convert", "official", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "no readable config.json" in bad.stderr
