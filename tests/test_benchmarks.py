@@ -313,3 +313,17 @@ def test_recon_metrics_and_merged_fid_moments(ray_session, model_dir, tmp_path):
     per_image = (tmp_path / "out" / "recon-56.per_image.jsonl").read_text().splitlines()
     assert sorted(json.loads(r)["key"] for r in per_image) == ["0.jpg", "1.jpg", "2.jpg", "3.jpg"]
     assert Output(str(tmp_path / "out")).keys() == {"recon-56.json", "recon-56.per_image.jsonl"}
+
+
+def test_eval_writes_to_s3_and_recon_reads_a_source(ray_session, sample, s3, model_dir, tmp_path):
+    """OUT as an s3:// prefix (the layout, the manifest, the run record); recon over a
+    project source (manifest.json + webdataset shards on S3)."""
+    bench = wise_checkout(tmp_path / "wise")
+    out = f"{sample}/eval/tiny"
+    record = run_eval(Wise(), model_dir, out, str(bench), FAST, batch=4, allow_unpinned=True, **QUIET)
+    keys = {k[len(out) + 1 :] for k in s3.list_keys(out + "/")}
+    assert {"wise/1.png", "wise/701.png", "wise.manifest.jsonl", "wise.run.json"} <= keys
+    again = run_eval(Wise(), model_dir, out, str(bench), FAST, batch=4, allow_unpinned=True, **QUIET)  # nothing left to do
+    assert again["images"] == record["images"] == 5 and again["seconds"] < record["seconds"]
+    result = run_recon(model_dir, f"{sample}/sample-eval/generation", str(tmp_path / "recon"), size=56, **QUIET)
+    assert result["images"] == 4 and set(result["metrics"]) == {"recon/psnr", "recon/ssim", "recon/ssim_release"}

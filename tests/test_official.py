@@ -130,11 +130,16 @@ def test_broken_releases_fail_on_their_first_bad_key(tiny, tmp_path, monkeypatch
         convert_official(str(tiny.save_pretrained(tmp_path / "f")), tmp_path / "out-f", **QUIET)
 
 
-def test_cli_converts_and_errors_name_the_problem(tiny, tmp_path):
+def test_cli_converts_from_s3_and_errors_name_the_problem(stack, s3, tiny, tmp_path):
     release = write_release(tiny, tmp_path / "UniLIP-tiny")
-    out = run_cli("convert", "official", "--src", str(release), "--out", str(tmp_path / "converted"))
+    src = f"s3://{stack.bucket}/releases/UniLIP-tiny"  # fetched into the cache first
+    for path in release.iterdir():
+        s3.put_bytes(f"{src}/{path.name}", path.read_bytes())
+    out = run_cli("convert", "official", "--src", src, "--out", str(tmp_path / "converted"), env={"UNILIP_CACHE": str(tmp_path / "cache")})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "unused: 75 source tensors, the frozen LLM and its head" in out.stdout
     assert "created: connector/model.embed_tokens.weight" in out.stdout and "discriminator (reconstruction stages): fresh" in out.stdout
+    assert UniLIP.from_pretrained(tmp_path / "converted").trained_parts == {"encoder", "down_proj", "pixel_decoder", "queries",
+                                                                           "connector", "caption_projector", "dit"}  # fmt: skip
     bad = run_cli("convert", "official", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "no readable config.json" in bad.stderr
