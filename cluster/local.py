@@ -395,6 +395,11 @@ class LocalStack:
 
     # --------------------------------------------------------------- status
 
+    def ray_logs(self) -> Path | None:
+        """The running Ray's session log folder (every worker's output); it goes with the stack."""
+        temp = self._load().get("ray_temp_dir")
+        return Path(temp) / "session_latest" / "logs" if temp else None
+
     def status(self) -> list[dict]:
         """One row per recorded service: name, pid, alive, address, and the buckets for s3."""
         rows = []

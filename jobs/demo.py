@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -160,7 +161,7 @@ def query_endpoints(url: str, photo: Image.Image, out_dir: Path, log=print) -> d
 
 
 def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512, results: str = "demo-results",
-             lr: float = 1e-3, workers: int = 2, stages: tuple[str, ...] = STAGES) -> dict:  # fmt: skip
+             lr: float = 1e-3, workers: int = 2, stages: tuple[str, ...] = STAGES, verbose: bool = False) -> dict:  # fmt: skip
     check_stages(stages)  # before the heavy imports: a bad --stages fails at once
     from cluster.local import LocalStack
     from jobs.train import EXPERIMENT, run_stage
@@ -193,7 +194,7 @@ def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512
             print(f"\n   -- stage {i}/{len(stages)}: {name}", flush=True)
             # the adversarial loss from half-way, as in the paper's stage 2 (200k of 400k steps)
             extra = [f"loss.gan_start_step={steps // 2}"] if name == "recon-stage2" else []
-            uri = run_stage(name, "tiny", workers, False, overrides + extra, init_from=uri, run_name=f"demo-{name}")
+            uri = run_stage(name, "tiny", workers, False, overrides + extra, init_from=uri, run_name=f"demo-{name}", quiet=not verbose)
             models[name] = uri
             run_ids[name] = find_run(EXPERIMENT, f"demo-{name}").info.run_id
         timings["train_s"] = time.monotonic() - t0
@@ -221,6 +222,8 @@ def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512
             url = server.url
         if server.returncode != 0:
             raise RuntimeError(f"the server exited with {server.returncode}; see {out_dir / 'serve.log'}")
+        ray_logs = out_dir / "logs" / "ray"
+        shutil.copytree(stack.ray_logs(), ray_logs, dirs_exist_ok=True)  # kept: the stack's Ray folder goes with it
 
     _step(7, "summary")
     tracking = stack.home / "mlflow.db"
@@ -235,6 +238,7 @@ def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512
         "responses": responses,
         "loss_curves": str(loss_png),
         "serve_log": str(out_dir / "serve.log"),
+        "logs": {"ray_workers": str(ray_logs), "stack": str(stack.home / "logs"), "serve": str(out_dir / "serve.log")},
         "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{tracking} --artifacts-destination {stack.home / 'mlartifacts'}",
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -248,5 +252,6 @@ def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512
         print(f"   MLflow run:     {run_ids[name]}  {name} -> {models[name]}")
     print(f"   endpoints used: {', '.join(summary['endpoints'].values())} (the server is stopped now)")
     print(f"   browse MLflow:  {summary['mlflow_ui']}")
+    print(f"   logs:           Ray workers {ray_logs}, the stack {stack.home / 'logs'}, Serve {out_dir / 'serve.log'}")
     print(f"   summary:        {out_dir / 'summary.json'}")
     return summary

@@ -17,9 +17,11 @@ stage without `--from` starts from the newest registered export of the stage it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import time
 
 from jobs.recipes import chain, load_recipe
 from pipelines.position import Position
@@ -83,8 +85,10 @@ def latest_position(storage: str, run_name: str, s3: S3Access, plan: dict) -> Po
 
 def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = False, overrides: list[str] | None = None,
               init_from: str | None = None, run_name: str | None = None, storage: str | None = None,
-              cpus_per_worker: float | None = None, log=print) -> str:  # fmt: skip
-    """Train one stage to completion (resuming if the run exists); returns the registered model URI."""
+              cpus_per_worker: float | None = None, quiet: bool = False, log=print) -> str:  # fmt: skip
+    """Train one stage to completion (resuming if the run exists); returns the registered model URI.
+    `quiet`: the workers' lines stay in Ray's log files, and a progress line read from MLflow
+    stands in for them."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -122,7 +126,7 @@ def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = Fal
     # progress bars (Ray Data's split coordinator, MLflow downloads) are noise in a training log
     env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    init_ray(runtime_env={"env_vars": env})
+    init_ray(runtime_env={"env_vars": env}, log_to_driver=not quiet)
     quiet_ray_data()
     if cpus_per_worker is None:  # leave half the CPUs to the data pipeline on CPU-only clusters
         cpus_per_worker = 1.0 if gpu else min(1.0, ray.cluster_resources().get("CPU", 2) / (2 * workers))
@@ -146,12 +150,54 @@ def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = Fal
         ),  # fmt: skip
         datasets=dataset_factories(recipe.data, s3, counter, lambda: latest_position(storage, run_name, s3, plan)),
     )
-    trainer.fit()
+    with ProgressWatcher(name, run_name, recipe.train.steps, log=log) if quiet else contextlib.nullcontext():
+        trainer.fit()
     registered = registered_model(tracking_uri, run_name)
     if not registered:
         raise RuntimeError(f"run {run_name} finished without registering a model")
     log(f"[{name}] done: {registered}")
     return registered
+
+
+class ProgressWatcher:
+    """A stage's progress line (step, loss, samples/s, ETA) read from its MLflow run every
+    `every` seconds: the terminal's view of a run whose workers' own lines go to Ray's
+    log files (`unilip demo` without --verbose)."""
+
+    def __init__(self, name: str, run_name: str, steps: int, every: float = 10.0, log=print):
+        import threading
+
+        self.name, self.run_name, self.steps, self.every, self.log = name, run_name, steps, every, log
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+    def _watch(self) -> None:
+        import mlflow
+
+        from jobs.tracking import find_run
+
+        client, started, shown = mlflow.MlflowClient(), time.monotonic(), 0
+        while not self.stop.wait(self.every):
+            try:
+                run = find_run(EXPERIMENT, self.run_name)
+                history = client.get_metric_history(run.info.run_id, "train/loss") if run else []
+            except Exception:  # MLflow busy or restarting: the next poll tries again
+                continue
+            if not history or history[-1].step == shown:
+                continue
+            step, shown = history[-1].step, history[-1].step
+            rate = run.data.metrics.get("train/samples_per_s", float("nan"))
+            eta = (self.steps - step) * (time.monotonic() - started) / step
+            self.log(f"   [{self.name}] step {step}/{self.steps}  loss {history[-1].value:.4f}  {rate:.1f} samples/s  "
+                     f"ETA {time.strftime('%M:%S', time.gmtime(eta))}")  # fmt: skip
 
 
 def registered_model(tracking_uri: str | None, run_name: str) -> str | None:

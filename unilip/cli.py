@@ -382,7 +382,7 @@ def _demo(args) -> int:
     if args.steps < 2:
         raise ValueError("--steps must be at least 2 (a loss trend needs two points)")
     stages = {"stages": tuple(args.stages.split(","))} if args.stages else {}
-    run_demo(args.steps, args.gen, args.edit, args.size, args.results, args.lr, args.workers, **stages)
+    run_demo(args.steps, args.gen, args.edit, args.size, args.results, args.lr, args.workers, verbose=args.verbose, **stages)
     return 0
 
 
@@ -635,6 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--edit", type=int, default=32, help="editing samples (default 32)")
     p.add_argument("--size", type=int, default=512, help="longest image side of the sample data (default 512)")
     p.add_argument("--results", default="demo-results", help="results directory (default demo-results)")
+    p.add_argument("--verbose", action="store_true", help="show the Ray workers' own lines (default: in the logs the summary names)")
     p.set_defaults(func=_demo)
     return parser
 
