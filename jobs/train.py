@@ -184,7 +184,7 @@ class ProgressWatcher:
 
         from jobs.tracking import find_run
 
-        client, started, shown = mlflow.MlflowClient(), time.monotonic(), 0
+        client, first, shown = mlflow.MlflowClient(), None, 0
         while not self.stop.wait(self.every):
             try:
                 run = find_run(EXPERIMENT, self.run_name)
@@ -194,10 +194,11 @@ class ProgressWatcher:
             if not history or history[-1].step == shown:
                 continue
             step, shown = history[-1].step, history[-1].step
+            first = first or (time.monotonic(), step)  # the step rate from here: start-up is not a step
+            done = step - first[1]
+            eta = time.strftime("%M:%S", time.gmtime((self.steps - step) * (time.monotonic() - first[0]) / done)) if done else "--:--"
             rate = run.data.metrics.get("train/samples_per_s", float("nan"))
-            eta = (self.steps - step) * (time.monotonic() - started) / step
-            self.log(f"   [{self.name}] step {step}/{self.steps}  loss {history[-1].value:.4f}  {rate:.1f} samples/s  "
-                     f"ETA {time.strftime('%M:%S', time.gmtime(eta))}")  # fmt: skip
+            self.log(f"   [{self.name}] step {step}/{self.steps}  loss {history[-1].value:.4f}  {rate:.1f} samples/s  ETA {eta}")
 
 
 def registered_model(tracking_uri: str | None, run_name: str) -> str | None:

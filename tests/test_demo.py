@@ -22,6 +22,10 @@ def test_demo_end_to_end_leaves_nothing_running(tmp_path):
     for n in range(1, 8):
         assert f"== [{n}/7]" in r.stdout
     assert "every service stopped" in r.stdout
+    # the terminal shows the demo's own lines; the workers' and Ray Data's go to the logs it names
+    assert "(RayTrainWorker" not in r.stdout + r.stderr and "Starting execution of Dataset" not in r.stdout + r.stderr
+    assert f"logs:           Ray workers {results / 'logs' / 'ray'}" in r.stdout
+    assert any((results / "logs" / "ray").glob("worker-*.out"))
     summary = json.loads((results / "summary.json").read_text())
 
     assert list(summary["stages"]) == list(SHORT)
