@@ -47,7 +47,10 @@ if [ "$installer" = uv ]; then
     step "creating $venv with uv $("$uv" --version | cut -d' ' -f2)"
     "$uv" venv --quiet --seed --allow-existing --python python3 "$venv"  # --seed: pip and setuptools, which DeepSpeed's build needs
   fi
-  install() { "$uv" pip install --quiet --python "$venv/bin/python" --constraint "$constraints" "${sources[@]}" "$@"; }
+  # --compile-bytecode: pip writes .pyc files at install, uv only when asked; where
+  # PYTHONDONTWRITEBYTECODE is set (as on CI machines) nothing would write them later,
+  # and every process would compile torch, transformers and Ray on import (2x slower).
+  install() { "$uv" pip install --quiet --compile-bytecode --python "$venv/bin/python" --constraint "$constraints" "${sources[@]}" "$@"; }
   installed() { "$uv" pip show --quiet --python "$venv/bin/python" "$1" >/dev/null 2>&1; }
   freeze() { "$uv" pip freeze --python "$venv/bin/python"; }
   install setuptools wheel  # pinned: DeepSpeed's build runs with them
