@@ -85,7 +85,7 @@ def latest_position(storage: str, run_name: str, s3: S3Access, plan: dict) -> Po
 
 def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = False, overrides: list[str] | None = None,
               init_from: str | None = None, run_name: str | None = None, storage: str | None = None,
-              cpus_per_worker: float | None = None, quiet: bool = False, log=print) -> str:  # fmt: skip
+              cpus_per_worker: float | None = None, *, quiet: bool = False, log=print) -> str:  # fmt: skip
     """Train one stage to completion (resuming if the run exists); returns the registered model URI.
     `quiet`: the workers' lines stay in Ray's log files, and a progress line read from MLflow
     stands in for them."""
@@ -220,5 +220,5 @@ def run_all(preset: str = "tiny", workers: int = 2, gpu: bool = False, overrides
     stages = chain()
     for i, name in enumerate(stages, 1):
         log(f"== stage {i}/{len(stages)}: {name}")
-        uri = run_stage(name, preset, workers, gpu, overrides, uri, None, storage, cpus_per_worker, log)
+        uri = run_stage(name, preset, workers, gpu, overrides, uri, None, storage, cpus_per_worker, log=log)
     return uri
