@@ -73,6 +73,11 @@ class Output:
         root = Path(self.root)
         return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
 
+    def exists(self, rel: str) -> bool:
+        if self.remote:
+            return f"{self.root}/{rel}" in self.s3.list_keys(f"{self.root}/{rel}")
+        return (Path(self.root) / rel).is_file()
+
     def write(self, rel: str, data: bytes) -> None:
         if self.remote:
             self.s3.put_bytes(f"{self.root}/{rel}", data)

@@ -116,7 +116,7 @@ def run_eval(bench: Benchmark, model: str, out: str, bench_path: str | None = No
     """Render `bench` with `model` into `out`; returns the run record (also OUT/BENCH.run.json)."""
     from cluster.connect import init_ray, quiet_ray_data
     from unilip.artifacts import pinned
-    from unilip.model import UniLIP  # noqa: F401  (fail here, not in an actor, if the library is broken)
+    from unilip.prompts import prompt_format
 
     sampling = sampling or Sampling()
     files = bench.locate(bench_path)
@@ -135,11 +135,10 @@ def run_eval(bench: Benchmark, model: str, out: str, bench_path: str | None = No
     manifest = _Manifest(output, f"{bench.name}.manifest.jsonl")
     started = time.monotonic()
     if todo:
-        workers = max(gpus, 1) if gpus else actors
         ray = init_ray()
         quiet_ray_data()
         ds = ray.data.from_items([{"items": json.dumps([asdict(it) for it in b])} for b in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(EvalWorker, batch_size=1, concurrency=workers, num_gpus=1 if gpus else 0, num_cpus=1,
+        ds = ds.map_batches(EvalWorker, batch_size=1, concurrency=gpus or actors, num_gpus=1 if gpus else 0, num_cpus=1,
                             fn_constructor_kwargs={"model_uri": model_uri, "sampling": asdict(sampling), "out": output.root,
                                                    "dtype": dtype})  # fmt: skip
         total, made, last = sum(len(b) for b in todo), 0, 0.0
@@ -157,7 +156,7 @@ def run_eval(bench: Benchmark, model: str, out: str, bench_path: str | None = No
         "bench": bench.name, "source": bench.source, "bench_files": {rel: str(p) for rel, p in files.items()}, "bench_sha256": hashes,
         "model": model_uri, "sampling": asdict(sampling), "seed_rule": f"image k of a prompt: seed {seed} + k, drawn per image",
         "images_per_prompt": n or bench.images_per_prompt, "batch": batch, "images": len(items), "dtype": dtype,
-        "prompt_format": _prompt_format(model_uri), "seconds": round(time.monotonic() - started, 1), "versions": package_versions(),
+        "prompt_format": prompt_format(), "seconds": round(time.monotonic() - started, 1), "versions": package_versions(),
         "limit": limit,
     }  # fmt: skip
     if not output.remote:
@@ -177,20 +176,9 @@ def bench_files(bench: Benchmark, out: str, path: str | None) -> dict[str, Path]
     """The bench files at `path`, or else those the eval in OUT was made from (its run.json)."""
     output = Output(out)
     name = f"{bench.name}.run.json"
-    if path is None and name in output.keys():
+    if path is None and output.exists(name):
         return {rel: Path(p) for rel, p in json.loads(output.read(name))["bench_files"].items()}
     return bench.locate(path)
-
-
-def _prompt_format(model_uri: str) -> dict:
-    """How the model formats prompts: its config's record (converted releases), else the project's."""
-    from unilip.artifacts import fetch_model
-    from unilip.prompts import NULL_EDIT, NULL_GENERATION, edit_prompt, generation_prompt
-    from unilip.s3 import s3_access
-
-    config = json.loads((fetch_model(model_uri, s3_access()) / "config.json").read_text())
-    return config.get("prompt_format") or {"generation": generation_prompt("{prompt}"), "editing": edit_prompt("{prompt}"),
-                                           "null_generation": NULL_GENERATION, "null_editing": NULL_EDIT}  # fmt: skip
 
 
 class _Manifest:
@@ -199,7 +187,7 @@ class _Manifest:
     def __init__(self, output: Output, name: str):
         self.output, self.name = output, name
         self.rows: dict[str, dict] = {}
-        if name in output.keys():
+        if output.exists(name):
             for line in output.read(name).decode().splitlines():
                 row = json.loads(line)
                 self.rows[row["path"]] = row
@@ -248,7 +236,7 @@ def log_scores(bench: str, out: str, scores: dict[str, float]) -> str | None:
 
     output = Output(out)
     name = f"{bench}.run.json"
-    run_id = json.loads(output.read(name)).get("mlflow_run") if name in output.keys() else None
+    run_id = json.loads(output.read(name)).get("mlflow_run") if output.exists(name) else None
     mlflow.set_tracking_uri(tracking)
     mlflow.set_experiment(EXPERIMENT)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{bench}:{output.root}") as run:

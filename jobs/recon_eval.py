@@ -141,18 +141,16 @@ class ReconWorker:
                     keys.append(key)
                 except Exception as e:  # an undecodable image: counted by the driver, not fatal
                     print(f"[eval recon] skipped {key}: {type(e).__name__}: {e}")
+        out: dict = {"row": []}
+        if self.fid is not None:  # features as arrays: a 2048-d float32 row per image, no text encoding
+            out["f_real"] = out["f_fake"] = np.zeros((0, 2048), np.float32)
         if not real:
-            return {"row": []}
+            return out
         fake = [np.asarray(im) for im in self.model.reconstruct([Image.fromarray(r) for r in real], self.size)]
-        out = []
-        feats_real = self.fid(np.stack(real)) if self.fid is not None else None
-        feats_fake = self.fid(np.stack(fake)) if self.fid is not None else None
-        for i, key in enumerate(keys):
-            row = {"key": key, **image_metrics(real[i], fake[i])}
-            if feats_real is not None:
-                row["f_real"], row["f_fake"] = feats_real[i].astype(np.float32).tolist(), feats_fake[i].astype(np.float32).tolist()
-            out.append(json.dumps(row))
-        return {"row": out}
+        out["row"] = [json.dumps({"key": key, **image_metrics(r, f)}) for key, r, f in zip(keys, real, fake)]
+        if self.fid is not None:
+            out["f_real"], out["f_fake"] = self.fid(np.stack(real)).astype(np.float32), self.fid(np.stack(fake)).astype(np.float32)
+        return out
 
 
 def run_recon(model: str, data: str, out: str, size: int = 448, fid_weights: str | None = None, batch: int = 16,
@@ -160,31 +158,33 @@ def run_recon(model: str, data: str, out: str, size: int = 448, fid_weights: str
     from cluster.connect import init_ray, quiet_ray_data
     from jobs.benchmarks import Output
     from jobs.eval_images import package_versions
-    from unilip.s3 import s3_access
-
     from unilip.encoder import PATCH_MULTIPLE
+    from unilip.s3 import s3_access
 
     if size % PATCH_MULTIPLE:  # 256 (the paper's other size) needs the release's padded encoder, which this model lacks
         raise ValueError(f"--size must be a multiple of {PATCH_MULTIPLE} (448, or 224), got {size}")
     started = time.monotonic()
     rows = list_images(data, s3_access())
-    if limit and rows and "uri" in rows[0]:
+    if not rows:
+        raise ValueError(f"no images in {data}")
+    if limit and "uri" in rows[0]:
         rows = rows[:limit]
     ray = init_ray()
     quiet_ray_data()
     per_batch = batch if "uri" in rows[0] else 1  # a shard is a batch of its own
     ds = ray.data.from_items([{"row": json.dumps(r)} for r in rows])
-    ds = ds.map_batches(ReconWorker, batch_size=per_batch, concurrency=max(gpus, 1) if gpus else actors, num_gpus=1 if gpus else 0,
+    ds = ds.map_batches(ReconWorker, batch_size=per_batch, concurrency=gpus or actors, num_gpus=1 if gpus else 0,
                         num_cpus=1, fn_constructor_kwargs={"model_uri": model, "fid_weights": fid_weights, "size": size, "dtype": dtype})  # fmt: skip
     real, fake, metrics, lines, last = FeatureMoments(), FeatureMoments(), {"psnr": [], "ssim": [], "ssim_release": []}, [], 0.0
-    for item in ds.iter_rows():
-        row = json.loads(item["row"])
-        if "f_real" in row:
-            real.add(np.asarray([row.pop("f_real")]))
-            fake.add(np.asarray([row.pop("f_fake")]))
-        for k in metrics:
-            metrics[k].append(row[k])
-        lines.append(json.dumps(row))
+    for block in ds.iter_batches(batch_size=None, batch_format="numpy"):  # one worker call's images at a time
+        rows = list(block["row"])[: limit - len(lines) if limit else None]
+        if "f_real" in block:
+            real.add(block["f_real"][: len(rows)])
+            fake.add(block["f_fake"][: len(rows)])
+        for row in map(json.loads, rows):
+            for k in metrics:
+                metrics[k].append(row[k])
+        lines += rows
         if limit and len(lines) >= limit:
             break
         if time.monotonic() - last > 10:

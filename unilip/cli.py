@@ -283,13 +283,7 @@ def _eval(args) -> int:
                 print(f"  {p}")
             print(f"{bench.name}: {'layout ok' if not problems else f'{len(problems)} problems'} ({args.out})")
             return 0 if not problems else 1
-        from jobs.eval_images import log_scores
-
-        scores = bench.summarize(Path(args.out), files)
-        for k, v in scores.items():
-            print(f"{k:<28} {v:.4f}")
-        if run := log_scores(bench.name, args.out, scores):
-            print(f"logged to MLflow run {run}")
+        _summarize(bench, args.out, files)
         return 0
     from jobs.eval_images import Sampling, run_eval
 
@@ -317,8 +311,20 @@ def _score(bench, args) -> None:
     print(f"[eval] scoring: {' '.join(cmd)}", flush=True)
     if subprocess.run(cmd, cwd=cwd).returncode != 0:
         raise ValueError(f"the {bench.name} scorer failed (its output is above)")
-    args.bench_command, args.name = "summarize", bench.name
-    _eval(args)
+    _summarize(bench, args.out, files)
+
+
+def _summarize(bench, out: str, files) -> None:
+    """The scorer's outputs -> the benchmark's scores, printed and logged to the eval's MLflow run."""
+    from pathlib import Path
+
+    from jobs.eval_images import log_scores
+
+    scores = bench.summarize(Path(out), files)
+    for k, v in scores.items():
+        print(f"{k:<28} {v:.4f}")
+    if run := log_scores(bench.name, out, scores):
+        print(f"logged to MLflow run {run}")
 
 
 def _load_model(args):

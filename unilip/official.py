@@ -275,18 +275,17 @@ def convert_official(src: str, out: str | Path, preset: str | None = None, sourc
     cfg = release_model_config(release.config, preset)
     log(f"[convert] {src}: {len(release.shapes)} tensors in {len(set(release.files.values()))} file(s) -> preset {preset}")
     expected = expected_shapes(cfg)
-    return _write(release, plan(release.shapes, expected), expected, cfg, Path(out), sources or {}, log)
+    return _write(release, plan(release.shapes, expected), expected, cfg, Path(out), sources or {})
 
 
-def _write(release: Release, the_plan: Plan, expected: dict, cfg: ModelConfig, out: Path, overrides: dict[str, str],
-           log) -> Report:  # fmt: skip
+def _write(release: Release, the_plan: Plan, expected: dict, cfg: ModelConfig, out: Path, overrides: dict[str, str]) -> Report:
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from unilip.model import FORMAT_VERSION, OWN_PARTS, PRETRAINED
     from unilip.presets import SOURCES
-    from unilip.prompts import NULL_EDIT, NULL_GENERATION, edit_prompt, generation_prompt
+    from unilip.prompts import prompt_format
 
     out.mkdir(parents=True, exist_ok=True)
     by_component: dict[str, list[Move]] = {}
@@ -321,8 +320,7 @@ def _write(release: Release, the_plan: Plan, expected: dict, cfg: ModelConfig, o
         "trained_parts": sorted(parts),
         "saved_parts": parts,
         # what the release was trained and sampled with (its training data code and `generate_image`)
-        "prompt_format": {"generation": generation_prompt("{prompt}"), "editing": edit_prompt("{prompt}"),
-                          "null_generation": NULL_GENERATION, "null_editing": NULL_EDIT},  # fmt: skip
+        "prompt_format": prompt_format(),
         "converted_from": {
             "source": str(release.root),
             "files": sorted({p.name for p in release.files.values()}),

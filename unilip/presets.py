@@ -83,6 +83,9 @@ def _seeded(device):
 PRESET_SEED = 1234  # random weights (tiny, and real presets with init random) are a function of this seed
 
 
+SOURCES["tiny"] = Sources(mllm="tiny", dit="tiny", dcae="tiny", unilip_factor=1.0)
+
+
 @register("tiny")
 def tiny(init: str = "pretrained", device=None) -> Parts:
     """Small configs of the real classes, random weights (deterministic), the tokenizer fixture."""
@@ -123,9 +126,6 @@ def tiny(init: str = "pretrained", device=None) -> Parts:
         )  # fmt: skip
     mllm.eval(), dcae.eval(), dit.eval()
     return Parts(mllm, tokenizer, dcae, dit, SOURCES["tiny"])
-
-
-SOURCES["tiny"] = Sources(mllm="tiny", dit="tiny", dcae="tiny", unilip_factor=1.0)
 
 
 # ----------------------------------------------------------------------------- real

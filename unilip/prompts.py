@@ -36,3 +36,9 @@ def edit_prompt(instruction: str) -> str:
 def training_prompt(task: str, text: str) -> str:
     """A training sample's caption (generation) or instruction (editing), formatted."""
     return edit_prompt(text) if task == "editing" else generation_prompt(text)
+
+
+def prompt_format() -> dict[str, str]:
+    """The templates, as a model directory's config records them (`{prompt}` for the text)."""
+    return {"generation": generation_prompt("{prompt}"), "editing": edit_prompt("{prompt}"),
+            "null_generation": NULL_GENERATION, "null_editing": NULL_EDIT}  # fmt: skip
