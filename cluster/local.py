@@ -47,8 +47,11 @@ STOP_GRACE_S = {"s3": 5.0, "mlflow": 10.0, "ray": 2.0}
 # whenever ~/.ray/auth_token exists (any earlier `ray.init()` of a new cluster writes one).
 RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 # Ray Train's preemption watcher follows node drains (spot reclaims); one local node has
-# none, and every training attempt would start one more process for it.
-RAY_HEAD_ENV = {**RAY_LOCAL_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# none, and every training attempt would start one more process for it. A training stage
+# starts about ten actor processes at once (controller, workers, dataset coordinators,
+# counters): Ray's default startup concurrency, the CPU count, warns about that on every
+# stage of a 2-CPU machine; 4 at a time (no slower, measured) is what this stack expects.
+RAY_HEAD_ENV = {**RAY_LOCAL_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_worker_maximum_startup_concurrency": "4"}
 
 
 class StackError(RuntimeError):

@@ -24,6 +24,13 @@ import torch
 DS_TAG = "state"  # not "latest": DeepSpeed writes a file of that name
 
 
+def train_state(checkpoint) -> dict:
+    """A Ray Train checkpoint's train_state.json (step, data position, mixer, MLflow run),
+    read in place: the rest of the checkpoint is not fetched for it."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/train_state.json") as f:
+        return json.loads(f.read())
+
+
 def _safe_globals() -> list:
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum

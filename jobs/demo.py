@@ -1,7 +1,7 @@
 """The main job on the embedded default: data -> five training stages -> registry -> HTTP.
 
     make demo                                     # installs on first use, then runs this
-    unilip demo [--steps 40] [--gen 64] [--edit 32] [--size 512] [--results demo-results]
+    unilip demo [--steps 30] [--gen 64] [--edit 32] [--size 512] [--results demo-results]
 
 Steps: start the embedded stack (Ray, S3, MLflow on 127.0.0.1); write the sample
 dataset into the local S3 bucket as webdataset shards; train recon-stage1 ->
@@ -152,15 +152,48 @@ def query_endpoints(url: str, photo: Image.Image, out_dir: Path, log=print) -> d
         {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{photo_b64}"}}]}]})  # fmt: skip
     answer = chat["choices"][0]["message"]["content"]
     (out_dir / "understanding.json").write_text(json.dumps({"question": QUESTION, "answer": answer}, indent=2))
+    psnr = reconstruction_psnr(photo, recon)
+    picture = out_dir / "demo.png"
+    grid = captioned_row([(photo, "input"), (recon, f"reconstruction, {psnr:.1f} dB"), (generated, f"generated: {PROMPT}"),
+                          (edited, f"edited: {EDIT}")])  # fmt: skip
+    grid.save(picture)
     return {
         "generated": {"prompt": PROMPT, "path": str(out_dir / "generated.png"), "size": list(generated.size)},
         "edited": {"instruction": EDIT, "path": str(out_dir / "edited.png"), "size": list(edited.size)},
-        "reconstruction": {"path": str(out_dir / "reconstruction.png"), "size": list(recon.size)},
+        "reconstruction": {"path": str(out_dir / "reconstruction.png"), "size": list(recon.size), "psnr_db": round(psnr, 2)},
         "understanding": {"question": QUESTION, "answer": answer, "path": str(out_dir / "understanding.json")},
+        "picture": {"path": str(picture), "size": list(grid.size)},
     }
 
 
-def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512, results: str = "demo-results",
+def reconstruction_psnr(photo: Image.Image, recon: Image.Image) -> float:
+    """PSNR (dB) of a reconstruction against its input as the model saw it (squashed to its size)."""
+    import numpy as np
+
+    from jobs.evaluate import psnr_ssim
+
+    seen = photo.convert("RGB").resize(recon.size, Image.Resampling.BICUBIC)
+    return psnr_ssim(np.asarray(seen)[None], np.asarray(recon)[None])[0]
+
+
+def captioned_row(cells: list[tuple[Image.Image, str]], cell: int = 448) -> Image.Image:
+    """Images side by side, each with its caption underneath (wrapped to the cell)."""
+    import textwrap
+
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=18)
+    lines = [textwrap.wrap(text, width=cell // 10) or [""] for _, text in cells]
+    band = 12 + 24 * max(len(block) for block in lines)
+    out = Image.new("RGB", (cell * len(cells), cell + band), "white")
+    draw = ImageDraw.Draw(out)
+    for i, ((im, _), block) in enumerate(zip(cells, lines)):
+        out.paste(im.convert("RGB").resize((cell, cell)), (i * cell, 0))
+        draw.multiline_text((i * cell + 8, cell + 6), "\n".join(block), fill="black", font=font, spacing=6)
+    return out
+
+
+def run_demo(steps: int = 30, n_gen: int = 64, n_edit: int = 32, size: int = 512, results: str = "demo-results",
              lr: float = 1e-3, workers: int = 2, stages: tuple[str, ...] = STAGES, verbose: bool = False) -> dict:  # fmt: skip
     check_stages(stages)  # before the heavy imports: a bad --stages fails at once
     from cluster.local import LocalStack
@@ -181,9 +214,12 @@ def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512
 
         _step(2, f"writing {n_gen} generation + {n_edit} editing samples to {data_uri} (webdataset shards)")
         t0 = time.monotonic()
-        build_sample_dataset(data_uri, s3, n_gen, n_edit, size=size, shard_size=max(8, (n_gen + n_edit) // 8))
+        written = build_sample_dataset(data_uri, s3, n_gen, n_edit, size=size, shard_size=max(8, (n_gen + n_edit) // 8),
+                                       log=lambda m: None)  # fmt: skip
         build_sample_dataset(f"{data_uri}-eval", s3, 4, 0, seed=1, shard_size=4, size=size, log=lambda m: None)
         timings["data_s"] = time.monotonic() - t0
+        print(f"   {', '.join(f'{m.samples} {task} samples in {len(m.shards)} shards' for task, m in written.items())}, "
+              f"and 4 held-out samples for evaluation, in {timings['data_s']:.1f}s")  # fmt: skip
 
         _step(3, f"training {' -> '.join(stages)} (tiny preset, {workers} Ray Train workers, DeepSpeed, {steps} steps each)")
         overrides = [f"train.steps={steps}", f"train.lr={lr}", f"train.min_lr={lr / 10}", "train.warmup_steps=2",
@@ -202,6 +238,7 @@ def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512
         _step(4, "learning curves from MLflow")
         curves = stage_curves(stages)
         histories = loss_histories(run_ids, curves)
+        heldout = heldout_psnr(run_ids, stages)
         loss_png = out_dir / "loss_curves.png"
         plot_losses(histories, curves, loss_png)
         losses = {}
@@ -236,6 +273,7 @@ def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512
         "endpoints": {path: f"{url}{path}" for path in
                       ("/v1/images/generations", "/v1/images/edits", "/v1/reconstructions", "/v1/chat/completions")},  # fmt: skip
         "responses": responses,
+        "reconstruction_psnr_db": {"served_photo": responses["reconstruction"]["psnr_db"], **heldout},
         "loss_curves": str(loss_png),
         "serve_log": str(out_dir / "serve.log"),
         "logs": {"ray_workers": str(ray_logs), "stack": str(stack.home / "logs"), "serve": str(out_dir / "serve.log")},
@@ -247,6 +285,8 @@ def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512
     for key in ("generated", "edited", "reconstruction"):
         print(f"   {key + ':':<15} {responses[key]['path']}")
     print(f"   understanding:  {responses['understanding']['answer']!r} ({responses['understanding']['path']})")
+    print(f"   reconstruction: {responses['reconstruction']['psnr_db']:.1f} dB PSNR on the served photo"
+          + "".join(f", {v:.1f} dB on the held-out samples after {k}" for k, v in heldout.items()))  # fmt: skip
     print(f"   loss curves:    {loss_png}")
     for name in stages:
         print(f"   MLflow run:     {run_ids[name]}  {name} -> {models[name]}")
@@ -254,4 +294,18 @@ def run_demo(steps: int = 40, n_gen: int = 64, n_edit: int = 32, size: int = 512
     print(f"   browse MLflow:  {summary['mlflow_ui']}")
     print(f"   logs:           Ray workers {ray_logs}, the stack {stack.home / 'logs'}, Serve {out_dir / 'serve.log'}")
     print(f"   summary:        {out_dir / 'summary.json'}")
+    print(f"   see the picture (input | reconstruction | generated | edited): {responses['picture']['path']}")
     return summary
+
+
+def heldout_psnr(run_ids: dict[str, str], stages: tuple[str, ...]) -> dict[str, float]:
+    """Per reconstruction stage, the PSNR of its last evaluation on the held-out samples (MLflow)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    out = {}
+    for stage in stages:
+        history = client.get_metric_history(run_ids[stage], "eval/psnr")
+        if history:
+            out[stage] = round(max(history, key=lambda m: m.step).value, 2)
+    return out

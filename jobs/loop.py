@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from jobs.checkpoint import DS_TAG, load_critic, load_rng_state, rng_state, safe_checkpoint_engine, save_critic
+from jobs.checkpoint import DS_TAG, load_critic, load_rng_state, rng_state, safe_checkpoint_engine, save_critic, train_state
 from jobs.optim import EMA, adamw_groups, deepspeed_config, gathered, gradient_accumulation, lr_at, set_lr, zero_stage
 from unilip.config import LossConfig, Recipe, S3Config, from_dict
 from unilip.losses import TERMS, ReconstructionLoss
@@ -181,6 +181,22 @@ def train_loop(config: dict) -> None:
     s3 = s3_access(from_dict(S3Config, config["s3"]))
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     log = print if rank == 0 else (lambda *a, **k: None)
+    accumulation = gradient_accumulation(tc, world)
+
+    # The data position first, then the mixer: its reading threads start the datasets
+    # streaming while the model and its engine are built.
+    plan = {n: SourcePlan(**p) for n, p in config["plan"].items()}
+    step, run_id, mixer_state, position = 0, None, None, Position(layout(plan))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        state = train_state(checkpoint)
+        step, run_id, mixer_state = state["step"], state["mlflow_run_id"], state["mixer"]
+        position = Position(layout(plan), state["position"])
+    shards = {n: ray.train.get_dataset_shard(n) for n in plan}
+    rest = {n: ray.train.get_dataset_shard(n + REST) for n in plan}
+    mixer = worker_mixer(plan, shards, tc.micro_batch, recipe.data.batch_mode, recipe.data.seed, rank, world,
+                         accumulation, rest=rest, state=mixer_state, epochs=position.epochs,
+                         local_shuffle=recipe.data.worker_shuffle_buffer)  # fmt: skip
 
     stage = build_stage(recipe, config["init_from"], s3, device)
     model, loss = stage.net.model, stage.loss
@@ -188,23 +204,16 @@ def train_loop(config: dict) -> None:
     engine.checkpoint_engine = safe_checkpoint_engine()
     trainable = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
     ema = EMA(trainable, tc.ema_decay)
-    accumulation = gradient_accumulation(tc, world)
     log(f"[{recipe.name}] {world} workers on {device.type}, {torch.get_num_threads()} torch threads each, "
         f"micro batch {tc.micro_batch} x {accumulation} accumulation, ZeRO-{zero_stage(tc, world)}, {tc.precision}")  # fmt: skip
 
     # Sampling randomness (CFG drops, noise, timesteps) differs per worker, and is checkpointed.
     rng = random.Random(tc.seed * 1000 + rank)
     generator = torch.Generator().manual_seed(tc.seed * 1000 + rank)
-    plan = {n: SourcePlan(**p) for n, p in config["plan"].items()}
-    step, run_id, mixer_state, position = 0, None, None, Position(layout(plan))
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             d = Path(d)
             engine.load_checkpoint(str(d), tag=DS_TAG, load_module_strict=False)
-            state = json.loads((d / "train_state.json").read_text())
-            step, run_id, mixer_state = state["step"], state["mlflow_run_id"], state["mixer"]
-            position = Position(layout(plan), state["position"])
             from safetensors.torch import load_file
 
             ema.load_state_dict(load_file(str(d / "ema.safetensors")))
@@ -215,11 +224,6 @@ def train_loop(config: dict) -> None:
                 load_rng_state(json.loads(rng_file.read_text()), rng, generator)
         log(f"[{recipe.name}] resumed from step {step} ({checkpoint.path})")
 
-    shards = {n: ray.train.get_dataset_shard(n) for n in plan}
-    rest = {n: ray.train.get_dataset_shard(n + REST) for n in plan}
-    mixer = worker_mixer(plan, shards, tc.micro_batch, recipe.data.batch_mode, recipe.data.seed, rank, world,
-                         accumulation, rest=rest, state=mixer_state, epochs=position.epochs,
-                         local_shuffle=recipe.data.worker_shuffle_buffer)  # fmt: skip
     counter = config["counter"]
 
     tracker = None

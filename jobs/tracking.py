@@ -40,7 +40,9 @@ class Tracker:
             mlflow.log_params(flatten(params))
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+        # queued, sent by MLflow's logging thread: a training step does not wait on the
+        # tracking server (`end` flushes the queue)
+        self.mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step, synchronous=False)
 
     def image(self, image, name: str) -> None:
         self.mlflow.log_image(image, name)
@@ -51,6 +53,7 @@ class Tracker:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        self.mlflow.flush_async_logging()  # the queued metrics first
         history = self.mlflow.MlflowClient().get_metric_history(self.run_id, key)
         if not history:
             return

@@ -18,7 +18,7 @@ stage without `--from` starts from the newest registered export of the stage it 
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import os
 import re
 import time
@@ -64,15 +64,14 @@ def latest_train_state(storage: str, run_name: str, s3: S3Access) -> dict | None
     run from; None for a new run."""
     from ray.train import Result
 
+    from jobs.checkpoint import train_state
+
     fs, path = s3.resolve(f"{storage}/{run_name}")
     try:
         checkpoint = Result.from_path(path, storage_filesystem=fs).checkpoint
     except RuntimeError:  # no such run yet
         return None
-    if checkpoint is None:
-        return None
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/train_state.json") as f:
-        return json.loads(f.read())
+    return train_state(checkpoint) if checkpoint is not None else None
 
 
 def latest_position(storage: str, run_name: str, s3: S3Access, plan: dict) -> Position | None:
@@ -126,7 +125,8 @@ def run_stage(name: str, preset: str = "tiny", workers: int = 2, gpu: bool = Fal
     # progress bars (Ray Data's split coordinator, MLflow downloads) are noise in a training log
     env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
     env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    init_ray(runtime_env={"env_vars": env}, log_to_driver=not quiet)
+    # quiet: Ray's own INFO lines (connecting, the dashboard) stay out of the terminal too
+    init_ray(runtime_env={"env_vars": env}, log_to_driver=not quiet, logging_level=logging.WARNING if quiet else logging.INFO)
     quiet_ray_data()
     if cpus_per_worker is None:  # leave half the CPUs to the data pipeline on CPU-only clusters
         cpus_per_worker = 1.0 if gpu else min(1.0, ray.cluster_resources().get("CPU", 2) / (2 * workers))

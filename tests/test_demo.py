@@ -49,6 +49,14 @@ def test_demo_end_to_end_leaves_nothing_running(tmp_path):
     for path in listed[:1] + [responses[k]["path"] for k in ("generated", "edited", "reconstruction")]:
         assert path in r.stdout  # the summary names it
     assert summary["mlflow_ui"] in r.stdout
+    # the picture: input | reconstruction | generated | edited, captioned; named by the last line
+    with Image.open(responses["picture"]["path"]) as im:
+        assert im.size[0] == 4 * 448 and im.size[1] > 448
+    assert r.stdout.rstrip().splitlines()[-1].endswith(responses["picture"]["path"])
+    psnr = summary["reconstruction_psnr_db"]
+    assert set(psnr) == {"served_photo", "recon-stage1"} and all(0 < v < 60 for v in psnr.values())
+    assert psnr["served_photo"] == responses["reconstruction"]["psnr_db"]
+    assert "INFO worker.py" not in r.stdout + r.stderr and "(raylet)" not in r.stdout
 
     stack = LocalStack(results / "stack")
     assert stack.services() == {} and stack.leftover_processes() == []

@@ -632,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_understand)
 
     p = sub.add_parser("demo", help="the whole system end to end on the embedded default (what `make demo` runs)")
-    p.add_argument("--steps", type=int, default=40, help="training steps per stage (default 40)")
+    p.add_argument("--steps", type=int, default=30, help="training steps per stage (default 30)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every stage (default 1e-3)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
     p.add_argument("--stages", help="comma-separated stages to train, in order, the last one generating "
