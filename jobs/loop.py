@@ -13,7 +13,8 @@ storage and tracking settings and the data plan as `config`. Per optimizer step
         the discriminator's own loss, when the adversarial loss is on
     the discriminator's step (fp32, its own AdamW and lr schedule from the GAN start)
     EMA update (the release's warmup); samples of the step recorded as consumed
-    every log_every: metrics averaged over workers (rank 0 -> MLflow), a progress line
+    every log_every: the interval's means of the terms and timings (train/data_wait_s,
+        train/host_s), over workers, read from the device once (rank 0 -> MLflow), a progress line
     every eval_every: PSNR/SSIM or sample grids; every checkpoint_every: a checkpoint
 At the end the EMA weights are exported as a model directory and registered in MLflow.
 """
@@ -128,14 +129,15 @@ def build_stage(recipe: Recipe, init_from: str | None, s3, device, throwaway: bo
 
 
 def optimizer_step(engine, stage: Stage, micro_batches: list[dict], step: int, recipe: Recipe, world: int,
-                   rng: random.Random, generator: torch.Generator, device) -> dict[str, float]:  # fmt: skip
+                   rng: random.Random, generator: torch.Generator, device) -> dict[str, torch.Tensor]:  # fmt: skip
     """One optimizer step over collated micro batches: the model through DeepSpeed, then
     the discriminator (when the adversarial loss is on at `step`). Returns this worker's
-    terms, each the mean over the micro batches that had it."""
+    terms, each the mean over the micro batches that had it, as tensors where they were
+    computed: reading them here would make the host wait for the device every step."""
     tc, loss = recipe.train, stage.loss
     set_lr(stage.optimizer, lr_at(step, tc))
     critic_on = loss is not None and loss.gan_active(step)
-    sums: dict[str, list[float]] = {}
+    sums: dict[str, list[torch.Tensor]] = {}
     for batch in micro_batches:
         terms = engine(batch, step, rng, generator)
         engine.backward(terms["loss"])
@@ -146,19 +148,41 @@ def optimizer_step(engine, stage: Stage, micro_batches: list[dict], step: int, r
             terms |= d_terms
         for k, v in terms.items():
             if k != "recon":
-                sums.setdefault(k, []).append(float(v.detach()))
+                sums.setdefault(k, []).append(v.detach().float())
     if critic_on:
         set_lr(stage.critic_optimizer, lr_at(step, tc, start=recipe.loss.gan_start_step))
         critic_step(loss.discriminator, stage.critic_optimizer, tc.grad_clip, world)
-    return {k: sum(v) / len(v) for k, v in sums.items()}
+    return {k: torch.stack(v).mean() for k, v in sums.items()}
 
 
-def mean_over_workers(terms: dict[str, float], names: tuple[str, ...], device) -> dict[str, float]:
-    """Average each named term over the workers that have it (a collective: every worker calls it)."""
-    values = torch.tensor([[terms.get(n, 0.0), float(n in terms)] for n in names], dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values)
-    return {n: float(v / c) for n, (v, c) in zip(names, values.tolist()) if c}
+class IntervalMeans:
+    """The named values of each step (loss terms as device tensors, timings as floats)
+    summed where they are over a log interval, then averaged over the interval's steps
+    and the workers that had them, and read to the host once (`read`, a collective)."""
+
+    def __init__(self, names: tuple[str, ...], device):
+        self.names, self.device = names, device
+        self.index = {n: i for i, n in enumerate(names)}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+        self.counts = [0] * len(self.names)
+
+    def add(self, values: dict[str, torch.Tensor | float]) -> None:
+        for name, value in values.items():
+            i = self.index[name]
+            self.sums[i] += value  # on the device: no wait for it
+            self.counts[i] += 1
+
+    def read(self) -> dict[str, float]:
+        """The interval's means (every worker calls it); starts the next interval."""
+        values = torch.stack([self.sums, torch.tensor(self.counts, dtype=torch.float64, device=self.device)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(values)
+        sums, counts = values.tolist()  # the interval's one read of the device
+        self._reset()
+        return {n: s / c for n, s, c in zip(self.names, sums, counts) if c}
 
 
 def train_loop(config: dict) -> None:
@@ -274,17 +298,24 @@ def train_loop(config: dict) -> None:
         log(f"[{recipe.name}] checkpoint step-{at:08d}")
 
     engine.train()
+    # per step: the loss terms; its time (data, forward, backward, optimizer, EMA), the part
+    # of it spent waiting for the data, and the host's own work on the batch
+    means = IntervalMeans((*STEP_TERMS[recipe.kind], "step_s", "data_wait_s", "host_s"), device)
     started, first_step, samples = time.perf_counter(), step, 0
     while step < tc.steps:
         maybe_fault(config, tc.fault_steps, step, rank, world, s3)
         step_started = time.perf_counter()
         consumed = [mixer.next_batch() for _ in range(accumulation)]
-        terms = optimizer_step(engine, stage, [collate(raw, device=device) for raw in consumed], step, recipe, world,
-                               rng, generator, device)  # fmt: skip
+        data_wait = time.perf_counter() - step_started
+        batches = [collate(raw, device=device) for raw in consumed]
+        host = time.perf_counter() - step_started - data_wait
+        terms = optimizer_step(engine, stage, batches, step, recipe, world, rng, generator, device)
         ema.update(step + 1)
+        booked = time.perf_counter()
         for raw in consumed:
             record_consumed(position, raw)
-        step_s = time.perf_counter() - step_started  # data, forward, backward, optimizer, EMA
+        host += time.perf_counter() - booked
+        means.add(terms | {"step_s": time.perf_counter() - step_started, "data_wait_s": data_wait, "host_s": host})
         if tc.record_samples:
             keys = [f"{u}#{i}" for raw in consumed for u, i in zip(raw["url"], raw["index"])]
             put(s3, f"{config['storage']}/{config['run_name']}/samples/step-{step + 1:08d}-rank-{rank}.json", json.dumps(keys))
@@ -294,8 +325,8 @@ def train_loop(config: dict) -> None:
             elapsed = time.perf_counter() - started
             rate = samples / elapsed
             grad_norm = engine.get_global_grad_norm()
-            metrics = {f"train/{k}": v for k, v in mean_over_workers(terms, STEP_TERMS[recipe.kind], device).items()}
-            metrics |= {"train/lr": lr_at(step - 1, tc), "train/samples_per_s": rate, "train/step_s": step_s}
+            metrics = {f"train/{k}": v for k, v in means.read().items()}
+            metrics |= {"train/lr": lr_at(step - 1, tc), "train/samples_per_s": rate}
             if grad_norm is not None:
                 metrics["train/grad_norm"] = float(grad_norm)
             if tracker:

@@ -62,6 +62,8 @@ def test_train_all_runs_every_stage_and_exports_a_generating_model(stack, s3, tr
         assert run.data.params["train.precision"] == "bf16"
         assert loss_steps(run) == [1, 2, 3, 4, 5, 6], name
         assert {"train/lr", "train/samples_per_s", "train/grad_norm"} <= set(run.data.metrics), name
+        timings = {k: run.data.metrics[k] for k in ("train/step_s", "train/data_wait_s", "train/host_s")}
+        assert 0 <= timings["train/data_wait_s"] < timings["train/step_s"] and timings["train/host_s"] > 0, (name, timings)
         artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
         assert {"model", "loss.png", "eval"} <= artifacts, name
         registered = run.data.tags["unilip.registered"]
