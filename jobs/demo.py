@@ -302,9 +302,11 @@ def heldout_psnr(run_ids: dict[str, str], stages: tuple[str, ...]) -> dict[str, 
     """Per reconstruction stage, the PSNR of its last evaluation on the held-out samples (MLflow)."""
     import mlflow
 
+    from jobs.recipes import load_recipe
+
     client = mlflow.MlflowClient()
     out = {}
-    for stage in stages:
+    for stage in (s for s in stages if load_recipe(s).kind == "reconstruction"):  # the others score no PSNR
         history = client.get_metric_history(run_ids[stage], "eval/psnr")
         if history:
             out[stage] = round(max(history, key=lambda m: m.step).value, 2)
