@@ -6,7 +6,8 @@ storage and tracking settings and the data plan as `config`. Per optimizer step
 
     for each of `accumulation` micro batches:      (global = workers x micro x accumulation)
         batch <- this worker's slot of the step plan (single-task micro batches; the
-                 step mixes the tasks at their ratio, pipelines.mix)
+                 step mixes the tasks at their ratio, pipelines.mix), prepared ahead
+                 in a thread (data.worker_prefetch) and moved to the device as uint8
         loss  <- StageNet: the model in the training precision; reconstruction terms
                  (fp32 loss networks, unilip.losses) or the rectified-flow loss
         engine.backward(loss); engine.step()       (DeepSpeed: ZeRO, clipping, bf16)
@@ -63,7 +64,7 @@ class StageNet(nn.Module):
             if not rows:
                 continue
             prompts = [batch["prompt"][i] for i in rows]
-            ref = batch["source_pixel_values"][rows] if task == "editing" else None
+            ref = batch["source_pixel_values"] if task == "editing" else None  # the editing rows' inputs, in order
             loss = self.model.generation_loss(prompts, batch["pixel_values"][rows], ref, rng, generator)
             terms[f"flow_{task}"] = loss
             total = total + loss * len(rows) / len(batch["task"])
@@ -128,9 +129,10 @@ def build_stage(recipe: Recipe, init_from: str | None, s3, device, throwaway: bo
     return Stage(net, torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas)), critic_opt)
 
 
-def optimizer_step(engine, stage: Stage, micro_batches: list[dict], step: int, recipe: Recipe, world: int,
+def optimizer_step(engine, stage: Stage, micro_batches, step: int, recipe: Recipe, world: int,
                    rng: random.Random, generator: torch.Generator, device) -> dict[str, torch.Tensor]:  # fmt: skip
-    """One optimizer step over collated micro batches: the model through DeepSpeed, then
+    """One optimizer step over collated micro batches (a sized iterable: `StepData` draws
+    each as it is needed): the model through DeepSpeed, then
     the discriminator (when the adversarial loss is on at `step`). Returns this worker's
     terms, each the mean over the micro batches that had it, as tensors where they were
     computed: reading them here would make the host wait for the device every step."""
@@ -153,6 +155,34 @@ def optimizer_step(engine, stage: Stage, micro_batches: list[dict], step: int, r
         set_lr(stage.critic_optimizer, lr_at(step, tc, start=recipe.loss.gan_start_step))
         critic_step(loss.discriminator, stage.critic_optimizer, tc.grad_clip, world)
     return {k: torch.stack(v).mean() for k, v in sums.items()}
+
+
+class StepData:
+    """One step's micro batches from `pipelines.mix.prepared`, each collated onto the device
+    as the step asks for it (the next ones are prepared meanwhile). Afterwards: the raw
+    batches (`consumed`), the mixer's state after the step, the time spent waiting for
+    them and the host's time moving them."""
+
+    def __init__(self, micro_batches, accumulation: int, device):
+        self.micro_batches, self.accumulation, self.device = micro_batches, accumulation, device
+        self.consumed, self.mixer_state, self.wait_s, self.host_s = [], None, 0.0, 0.0
+
+    def __len__(self) -> int:
+        return self.accumulation
+
+    def __iter__(self):
+        from pipelines.mix import collate
+
+        for _ in range(self.accumulation):
+            asked = time.perf_counter()
+            raw, state = next(self.micro_batches)
+            got = time.perf_counter()
+            batch = collate(raw, self.device)
+            self.wait_s, self.host_s = self.wait_s + got - asked, self.host_s + time.perf_counter() - got
+            self.consumed.append(raw)
+            if state is not None:  # the step's last micro batch
+                self.mixer_state = state
+            yield batch
 
 
 class IntervalMeans:
@@ -193,7 +223,7 @@ def train_loop(config: dict) -> None:
     from jobs.evaluate import evaluate, load_eval_images
     from jobs.tracking import Tracker, image_grid
     from pipelines.ingest import REST, SourcePlan, layout, worker_mixer
-    from pipelines.mix import collate
+    from pipelines.mix import prepared
     from pipelines.position import Position
     from unilip.s3 import s3_access
 
@@ -220,7 +250,9 @@ def train_loop(config: dict) -> None:
     rest = {n: ray.train.get_dataset_shard(n + REST) for n in plan}
     mixer = worker_mixer(plan, shards, tc.micro_batch, recipe.data.batch_mode, recipe.data.seed, rank, world,
                          accumulation, rest=rest, state=mixer_state, epochs=position.epochs,
-                         local_shuffle=recipe.data.worker_shuffle_buffer)  # fmt: skip
+                         local_shuffle=recipe.data.worker_shuffle_buffer, pin_memory=device.type == "cuda")  # fmt: skip
+    mixer_state = mixer.state()  # the state of the last step trained, saved by a checkpoint
+    micro_batches = prepared(mixer, accumulation, recipe.data.worker_prefetch)
 
     stage = build_stage(recipe, config["init_from"], s3, device)
     model, loss = stage.net.model, stage.loss
@@ -287,7 +319,7 @@ def train_loop(config: dict) -> None:
             if rank == 0:
                 from safetensors.torch import save_file
 
-                state = {"step": at, "mlflow_run_id": run_id, "mixer": mixer.state(), "position": position.state(),
+                state = {"step": at, "mlflow_run_id": run_id, "mixer": mixer_state, "position": position.state(),
                          "data": config["data"], "recipe": recipe.name}  # fmt: skip
                 (out / "train_state.json").write_text(json.dumps(state))
                 save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(out / "ema.safetensors"))
@@ -305,19 +337,17 @@ def train_loop(config: dict) -> None:
     while step < tc.steps:
         maybe_fault(config, tc.fault_steps, step, rank, world, s3)
         step_started = time.perf_counter()
-        consumed = [mixer.next_batch() for _ in range(accumulation)]
-        data_wait = time.perf_counter() - step_started
-        batches = [collate(raw, device=device) for raw in consumed]
-        host = time.perf_counter() - step_started - data_wait
-        terms = optimizer_step(engine, stage, batches, step, recipe, world, rng, generator, device)
+        data = StepData(micro_batches, accumulation, device)
+        terms = optimizer_step(engine, stage, data, step, recipe, world, rng, generator, device)
         ema.update(step + 1)
         booked = time.perf_counter()
-        for raw in consumed:
+        for raw in data.consumed:  # trained on: only now consumed
             record_consumed(position, raw)
-        host += time.perf_counter() - booked
-        means.add(terms | {"step_s": time.perf_counter() - step_started, "data_wait_s": data_wait, "host_s": host})
+        mixer_state = data.mixer_state
+        data.host_s += time.perf_counter() - booked
+        means.add(terms | {"step_s": time.perf_counter() - step_started, "data_wait_s": data.wait_s, "host_s": data.host_s})
         if tc.record_samples:
-            keys = [f"{u}#{i}" for raw in consumed for u, i in zip(raw["url"], raw["index"])]
+            keys = [f"{u}#{i}" for raw in data.consumed for u, i in zip(raw["url"], raw["index"])]
             put(s3, f"{config['storage']}/{config['run_name']}/samples/step-{step + 1:08d}-rank-{rank}.json", json.dumps(keys))
         step += 1
         samples += tc.global_batch

@@ -1,10 +1,12 @@
-"""Data benchmark: S3 -> decoded, resized, normalised tensors, Ray pipeline vs a plain loop.
+"""Data benchmarks.
 
     unilip data bench --src s3://unilip/bench/generation [--resolution 448] [--inflight-mb 96]
+    unilip data bench --ingest --src s3://unilip/bench/generation [--micro-batch 32] [--step-s 0.2]
 
-Both paths read the same shards through the same S3 access point and decode with the
-same function (PIL, draft mode for JPEG, squash-resized to the resolution),
-then normalise for InternVL into torch tensors (the training collate's function). The
+Decode (the default): S3 -> decoded, resized, normalised tensors, Ray pipeline vs a plain
+loop. Both paths read the same shards through the same S3 access point and decode with
+the same function (PIL, draft mode for JPEG, squash-resized to the resolution), then
+normalise for InternVL into torch tensors (the training collate's function). The
 plain loop is one process; the Ray pipeline is `source_dataset` consumed with
 `iter_batches`, in manifest order and in the shipped shuffled order (`data.shuffle`,
 `shard_interleave`, `shuffle_buffer` defaults), two passes each in ABBA order. Prints
@@ -13,14 +15,27 @@ proportional set size (PSS, shared pages counted once) of this process and, for 
 the private Ray it starts (GCS, raylet, object store, workers), sampled every 0.2 s on a
 pass of its own in a Ray started afresh (the sampling is not free, so the timed passes
 run without it; and the object store's pages a pass touches stay counted after it).
+
+Ingest (`--ingest`): what the training worker itself spends on its data, without a
+model. The source is decoded once into the object store (decode capacity to spare), then
+read as a training worker reads it: a `streaming_split` (what Ray Train's
+`get_dataset_shard` hands a worker) -> `worker_mixer` -> `prepared` -> `to_device` (uint8;
+normalisation runs on the device), against a simulated step of `--step-s` seconds (a
+sleep: a GPU step leaves the host free). Side by side, two passes each in ABBA order:
+the step's path as it was (Ray re-batches blocks to the micro batch; the micro batch is
+made on the step's path) and as shipped (whole blocks; `data.worker_prefetch` micro
+batches prepared ahead in a thread). Prints the consumer's CPU per image (this process,
+all its threads: Ray's fetching included) and the wait per micro batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import threading
 import time
+from collections import Counter
 
 import numpy as np
 
@@ -188,3 +203,96 @@ def run_bench(src: str, s3, resolution: int = 448, inflight_mb: int | None = Dat
         f"(interleave {shuffled.interleave}, window {shuffled.window}; two passes each, ABBA)")  # fmt: skip
     log(f"[bench] ratio Ray / plain: {result['ratio']:.2f}x; shuffled / manifest order: {result['shuffled_ratio']:.2f}x")
     return result
+
+
+INGEST_PATHS = {  # name -> (whole blocks, micro batches prepared ahead)
+    "re-batched, on the step's path": (False, 0),
+    "whole blocks, prepared ahead": (True, DataConfig.worker_prefetch),
+}
+
+
+def ingest_pass(dataset, task: str, micro_batch: int, steps: int, step_s: float, whole_blocks: bool, prefetch: int,
+                device, warmup: int = 5) -> dict:  # fmt: skip
+    """`steps` simulated training steps of one worker over its split of `dataset`, after
+    `warmup` steps: images, the process's CPU seconds and wall seconds, and the wait for each micro batch."""
+    import torch
+
+    from pipelines.ingest import SourcePlan, worker_mixer
+    from pipelines.mix import prepared, to_device
+
+    split = dataset.streaming_split(1, equal=True)[0]
+    plan = {"bench": SourcePlan(task, 1.0, 0, [], "")}
+    mixer = worker_mixer(plan, {"bench": split}, micro_batch, "single_task", 0, whole_blocks=whole_blocks,
+                         pin_memory=device.type == "cuda")  # fmt: skip
+    batches = prepared(mixer, 1, prefetch)
+    waits, images = [], 0
+    for i in range(warmup + steps):
+        if i == warmup:
+            cpu, wall = time.process_time(), time.perf_counter()
+        asked = time.perf_counter()
+        batch = to_device(next(batches)[0], device)
+        if device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # on the device: what the step needs
+        if i >= warmup:
+            waits.append(time.perf_counter() - asked)
+            images += len(batch["image"]) + len(batch["source"])
+        time.sleep(step_s)  # the step: the host is free while the device computes
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    batches.close()  # its threads would go on polling through the next pass
+    return {"images": images, "cpu_s": cpu, "wall_s": wall, "waits": waits}
+
+
+def settle(before: set, timeout: float = 30.0) -> None:
+    """Wait for the threads started since `before` (the closed iterators' threads, Ray
+    Data's among them) to end: one still inside Ray as Ray shuts down ends the process."""
+    gc.collect()  # Ray Data's block prefetchers stop when their iterators are collected
+    deadline = time.monotonic() + timeout
+    for thread in set(threading.enumerate()) - before:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def run_ingest_bench(src: str, s3, resolution: int = 448, micro_batch: int = 32, step_s: float = 0.2, steps: int = 40,
+                     inflight_mb: int | None = DataConfig.inflight_mb, device=None, log=print) -> dict:  # fmt: skip
+    import torch
+
+    from pipelines.read import source_dataset
+    from pipelines.shards import read_manifest
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    task = read_manifest(src, s3).task
+    runs = {"as fast as it comes": (0.0, 5 * steps), f"at a {step_s} s step": (step_s, steps)}
+    totals = {(path, run): Counter() for path in INGEST_PATHS for run in runs}
+    waits = {key: [] for key in totals}
+    with private_ray(inflight_mb):
+        ours = set(threading.enumerate())
+        t0 = time.perf_counter()
+        # rows of a datasource name their epoch; this decoded copy serves every pass
+        dataset = source_dataset(src, task, s3, resolution, source="bench").drop_columns(["epoch"]).materialize()
+        log(f"[bench] {src}: {dataset.count()} {task} rows decoded to {resolution} px into the object store in "
+            f"{time.perf_counter() - t0:.1f} s ({dataset.num_blocks()} blocks); the worker's path on {device.type}, "
+            f"micro batch {micro_batch}, two passes per path (ABBA)")  # fmt: skip
+        names = list(INGEST_PATHS)
+        for path in (names[0], names[1], names[1], names[0]):  # ABBA: drift cancels
+            for run, (seconds, n) in runs.items():
+                one = ingest_pass(dataset, task, micro_batch, n, seconds, *INGEST_PATHS[path], device)
+                totals[path, run].update({k: one[k] for k in ("images", "cpu_s", "wall_s")})
+                waits[path, run] += one["waits"]
+        settle(ours)
+    out = {}
+    for (path, run), t in totals.items():
+        w = np.array(waits[path, run])
+        out.setdefault(path, {})[run] = {
+            "cpu_ms_per_image": 1000 * t["cpu_s"] / t["images"], "images_per_s": t["images"] / t["wall_s"],
+            "wait_ms": 1000 * float(w.mean()), "wait_p90_ms": 1000 * float(np.percentile(w, 90)),
+            "wait_share": float(w.sum() / t["wall_s"]),
+        }  # fmt: skip
+    for path in names:
+        log(f"[bench] {path}:")
+        for run, o in out[path].items():
+            log(f"[bench]   {run:22s} consumer CPU {o['cpu_ms_per_image']:.3f} ms/image  {o['images_per_s']:7.1f} images/s  "
+                f"wait per micro batch {o['wait_ms']:6.1f} ms (p90 {o['wait_p90_ms']:.1f}), {100 * o['wait_share']:4.1f}% of the time")  # fmt: skip
+    (fast, stepped), before, after = runs, out[names[0]], out[names[1]]
+    log(f"[bench] {names[1]} vs {names[0]}: consumer CPU "
+        f"{before[fast]['cpu_ms_per_image'] / after[fast]['cpu_ms_per_image']:.2f}x less; wait {stepped} "
+        f"{before[stepped]['wait_ms'] / max(after[stepped]['wait_ms'], 1e-6):.1f}x less")  # fmt: skip
+    return out

@@ -156,16 +156,18 @@ def _dataset(cfg: DataConfig, s3: S3Access, src, counter, done: dict | None = No
 def worker_mixer(plan: dict[str, SourcePlan], iterators: dict, batch_size: int, mode: str, seed: int,
                  rank: int = 0, world: int = 1, accumulation: int = 1, rest: dict | None = None,
                  state: dict | None = None, epochs: dict[str, int] | None = None, local_shuffle: int = 0,
-                 prefetch_batches: int = 2) -> TaskMixer:  # fmt: skip
+                 prefetch_batches: int = 2, pin_memory: bool = False, whole_blocks: bool = True) -> TaskMixer:  # fmt: skip
     """This worker's TaskMixer over its split iterators (DataIterator per source). With
     `rest` and `state` (a resume), each source first finishes its interrupted epoch (its
     number in `epochs`) from `rest`. `local_shuffle` > 0: Ray Data's buffer of that many
     decoded rows per source on this worker, reseeded per epoch (`data.worker_shuffle_buffer`).
 
-    Each source is read `accumulation + 2` micro batches ahead in a thread: more than any
-    worker's lead over another in a source (at most one step's rows, `StepPlan`), so the
-    split's start-of-epoch barrier is met in the reading threads (see `pipelines.mix`).
-    Memory: that many decoded micro batches per source per worker."""
+    Blocks arrive whole, as the arrays Ray Data holds (`whole_blocks`; a local shuffle
+    re-batches them to `batch_size`): the mixer copies each row once, into its micro batch
+    (`pin_memory`: pinned, for a GPU). Each source is read `accumulation + 2` micro batches'
+    rows ahead in a thread: more than any worker's lead over another in a source (at most
+    one step's rows, `StepPlan`), so the split's start-of-epoch barrier is met in the
+    reading threads (see `pipelines.mix`). Memory: about that many rows per source per worker."""
 
     def epoch_factory(name):
         first = [rest[name]] if rest and state else []
@@ -173,13 +175,14 @@ def worker_mixer(plan: dict[str, SourcePlan], iterators: dict, batch_size: int, 
         def next_epoch(epoch: int):
             it = first.pop() if first else iterators[name]
             shuffle = dict(local_shuffle_buffer_size=local_shuffle, local_shuffle_seed=int(keyed_rng(seed, name, epoch, rank).integers(2**32))) if local_shuffle else {}
-            return iter(it.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches, **shuffle))
+            size = None if whole_blocks and not local_shuffle else batch_size
+            return iter(it.iter_batches(batch_size=size, batch_format="numpy", prefetch_batches=prefetch_batches, **shuffle))
 
         return next_epoch
 
-    sources = [MixSource(name, p.task, p.weight, epoch_factory(name), prefetch=accumulation + 2) for name, p in plan.items()]
-    mixer = TaskMixer(sources, batch_size, mode, seed, rank, world, accumulation, epochs if state else None)
+    sources = [MixSource(name, p.task, p.weight, epoch_factory(name), prefetch=(accumulation + 2) * batch_size)
+               for name, p in plan.items()]  # fmt: skip
+    mixer = TaskMixer(sources, batch_size, mode, seed, rank, world, accumulation, epochs if state else None, pin_memory)
     if state:
         mixer.load_state(state)
     return mixer
-

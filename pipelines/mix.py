@@ -23,9 +23,9 @@ any time: the streaming splits, which hand out equal rows and start each epoch w
 barrier over all workers, stay in step. `lockstep` gives every worker the same task at
 each micro step; `mixed` mixes all sources inside every micro batch.
 
-Each source's rows reach the mixer through a prefetch thread that reads ahead a few
-batches and moves to the next epoch as soon as the split ends. The split's epoch
-barrier then waits in those threads, never in the training loop: when one worker needs
+Each source's rows reach the mixer through a prefetch thread that reads a few micro
+batches' rows ahead and moves to the next epoch as soon as the split ends. The split's
+epoch barrier then waits in those threads, never in the training loop: when one worker needs
 the next epoch, every other worker is within the read-ahead of the end of its split, so
 its thread reaches the barrier too, while its training loop runs on what it buffered.
 Nothing waits at an epoch boundary while another worker waits in a collective.
@@ -41,10 +41,9 @@ concatenates.
 from __future__ import annotations
 
 import math
-import queue
 import random
 import threading
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -57,7 +56,7 @@ class MixSource:
     task: str  # generation | editing
     weight: float  # proportion, or multiplier x size
     batches: Callable[[int], Iterator[dict]]  # epoch -> that epoch's numpy batches from this source
-    prefetch: int = 0  # batches read ahead in a thread (0: read in the caller)
+    prefetch: int = 0  # rows read ahead in a thread (0: read in the caller)
 
 
 def effective_weights(sources: list, sizes: dict[str, int]) -> dict[str, float]:
@@ -144,7 +143,8 @@ class StepPlan:
         return {
             "rng": [version, list(internal), gauss], "task_credit": dict(self.task_credit),
             "world": self.world, "accumulation": self.accumulation,
-            "rank_tasks": [dict(c) for c in self.rank_tasks], "row_credit": self.row_credit,
+            "rank_tasks": [dict(c) for c in self.rank_tasks],
+            "row_credit": [{g: dict(credit) for g, credit in r.items()} for r in self.row_credit],
         }  # fmt: skip
 
     def load_state(self, state: dict) -> None:
@@ -154,7 +154,7 @@ class StepPlan:
         self.task_credit.update(state["task_credit"])
         if (state["world"], state["accumulation"]) == (self.world, self.accumulation):
             self.rank_tasks = [Counter(c) for c in state["rank_tasks"]]
-            self.row_credit = state["row_credit"]
+            self.row_credit = [{g: dict(credit) for g, credit in r.items()} for r in state["row_credit"]]
 
 
 def epoch_stream(source: MixSource, first_epoch: int) -> Iterator[tuple[int, dict]]:
@@ -177,33 +177,67 @@ def epoch_stream(source: MixSource, first_epoch: int) -> Iterator[tuple[int, dic
 
 
 class ReadAhead:
-    """An iterator over `stream`, which a daemon thread consumes up to `depth` items ahead,
-    from construction on (every split starts its first epoch at once); its errors re-raised here."""
+    """An iterator over `stream`, which a daemon thread consumes ahead of the caller until
+    it holds at least `depth` (items, or the sum of `size(item)`), from construction on
+    (every split starts its first epoch at once); its errors re-raised here."""
 
     _DONE = object()
 
-    def __init__(self, stream: Iterator, depth: int, name: str):
-        self._items: queue.Queue = queue.Queue(maxsize=depth)
-        threading.Thread(target=self._run, args=(stream,), name=f"read-ahead-{name}", daemon=True).start()
+    def __init__(self, stream: Iterator, depth: int, name: str, size: Callable[[object], int] = lambda item: 1):
+        self._items: deque = deque()
+        self._held, self._depth, self._size, self._closed = 0, depth, size, False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, args=(stream,), name=f"read-ahead-{name}", daemon=True)
+        self._thread.start()
+
+    def _put(self, item, size: int = 0) -> None:
+        with self._changed:
+            self._items.append((item, size))
+            self._held += size
+            self._changed.notify_all()
 
     def _run(self, stream: Iterator) -> None:
         try:
             for item in stream:
-                self._items.put(item)
+                self._put(item, self._size(item))
+                with self._changed:
+                    self._changed.wait_for(lambda: self._held < self._depth or self._closed)
+                    if self._closed:
+                        break
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            self._items.put(e)
-        self._items.put(self._DONE)
+            self._put(e)
+        close(stream)  # in this thread: a generator is closed where it runs
+        self._put(self._DONE)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop reading ahead and close the stream; wait (up to `timeout`) for the thread,
+        which ends once it holds its next item."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join(timeout)
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        item = self._items.get()
+        with self._changed:
+            self._changed.wait_for(lambda: self._items)
+            item, size = self._items.popleft()
+            self._held -= size
+            self._changed.notify_all()
         if item is self._DONE:
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
         return item
+
+
+def close(stream) -> None:
+    """Close an iterator that can be closed (a generator, a ReadAhead): its threads and the
+    Ray Data iterators under it stop."""
+    if hasattr(stream, "close"):
+        stream.close()
 
 
 class _Cursor:
@@ -212,39 +246,48 @@ class _Cursor:
     def __init__(self, source: MixSource, first_epoch: int = 0):
         self.source, self.epoch = source, first_epoch
         stream = epoch_stream(source, first_epoch)
-        self._stream = ReadAhead(stream, source.prefetch, source.name) if source.prefetch else stream
+        rows = lambda item: len(item[1]["key"])  # noqa: E731 - (epoch, batch)
+        self._stream = ReadAhead(stream, source.prefetch, source.name, rows) if source.prefetch else stream
         self._batch, self._pos = None, 0
 
-    def take(self, n: int) -> tuple[dict, np.ndarray]:
-        parts, epochs = [], []
+    def take(self, n: int) -> list[tuple[dict, int]]:
+        """The next `n` rows as (views into the batches they arrived in, epoch) pieces: the
+        mixer copies each row once, into the micro batch."""
+        pieces = []
         while n:
             if self._batch is None or self._pos >= len(self._batch["key"]):
                 self.epoch, self._batch = next(self._stream)
                 self._pos = 0
             k = min(n, len(self._batch["key"]) - self._pos)
-            parts.append({c: v[self._pos : self._pos + k] for c, v in self._batch.items()})
-            epochs += [self.epoch] * k
+            pieces.append(({c: v[self._pos : self._pos + k] for c, v in self._batch.items()}, self.epoch))
             self._pos += k
             n -= k
-        return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}, np.array(epochs)
+        return pieces
+
+    def close(self) -> None:
+        close(self._stream)
 
 
-COLUMNS = ("key", "prompt", "task", "image", "source", "url", "index", "origin", "epoch")  # epoch: of its source
+IMAGES = ("image", "source")  # the columns of a micro batch that are images
 
 
 class TaskMixer:
     """One worker's micro batches under the shared `StepPlan`: rows key, prompt, task,
-    image, source (zeros for generation), and where each row came from: url and index in
-    its shard, origin (the source's name) and epoch (of that source). Call `next_batch`
-    `accumulation` times per optimizer step."""
+    image, and where each row came from: url and index in its shard, origin (the
+    source's name) and epoch (of that source); `source` holds the input image of each
+    editing row, in row order (none for generation rows). Images are (B, H, W, 3) uint8
+    torch tensors, each row copied once from the block Ray Data delivered into them
+    (into pinned memory with `pin_memory`, so that the copy to a GPU runs behind the
+    host). Call `next_batch` `accumulation` times per optimizer step."""
 
     def __init__(self, sources: list[MixSource], batch_size: int, mode: str = "single_task", seed: int = 0,
-                 rank: int = 0, world: int = 1, accumulation: int = 1, epochs: dict[str, int] | None = None):  # fmt: skip
+                 rank: int = 0, world: int = 1, accumulation: int = 1, epochs: dict[str, int] | None = None,
+                 pin_memory: bool = False):  # fmt: skip
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside a world of {world}")
         self.sources = {s.name: s for s in sources}
         self.plan = StepPlan(sources, batch_size, world, accumulation, mode, seed)
-        self.rank = rank
+        self.rank, self.pin_memory = rank, pin_memory
         self.cursors = {s.name: _Cursor(s, (epochs or {}).get(s.name, 0)) for s in sources}
         self._pending: list[dict[str, int]] = []
 
@@ -252,51 +295,92 @@ class TaskMixer:
         if not self._pending:
             self._pending = [slots[self.rank] for slots in self.plan.next_step()]
         rows = self._pending.pop(0)
-        parts = []
-        for name in self.sources:  # a fixed order: the batch layout depends on the plan only
+        pieces = []  # (source, views, epoch), in a fixed order: the batch layout depends on the plan only
+        for name in self.sources:
             if rows.get(name):
-                s, n = self.sources[name], rows[name]
-                part, epochs = self.cursors[name].take(n)
-                part["task"] = np.array([s.task] * n, dtype=object)
-                part["origin"] = np.array([name] * n, dtype=object)
-                part["epoch"] = epochs
-                if "source" not in part:
-                    part["source"] = np.zeros_like(part["image"])
-                parts.append(part)
-        return {c: np.concatenate([p[c] for p in parts]) for c in COLUMNS}
+                pieces += [(self.sources[name], part, epoch) for part, epoch in self.cursors[name].take(rows[name])]
+        sizes = [len(part["key"]) for _, part, _ in pieces]
+        batch = {c: np.concatenate([part[c] for _, part, _ in pieces]) for c in ("key", "prompt", "url", "index")}
+        batch["task"] = np.repeat(np.array([s.task for s, _, _ in pieces], dtype=object), sizes)
+        batch["origin"] = np.repeat(np.array([s.name for s, _, _ in pieces], dtype=object), sizes)
+        batch["epoch"] = np.repeat(np.array([epoch for _, _, epoch in pieces], dtype=np.int64), sizes)
+        batch["image"] = self._images([part["image"] for _, part, _ in pieces])
+        batch["source"] = self._images([part["source"] for s, part, _ in pieces if s.task == "editing"], like=batch["image"])
+        return batch
+
+    def _images(self, parts: list[np.ndarray], like=None):
+        """One uint8 tensor of `parts`, stacked, each copied once (an empty one shaped as `like` for none)."""
+        import torch
+
+        shape = (sum(len(p) for p in parts), *(parts[0].shape[1:] if parts else like.shape[1:]))
+        out = torch.empty(shape, dtype=torch.uint8, pin_memory=self.pin_memory)
+        if parts:
+            np.concatenate(parts, out=out.numpy())
+        return out
 
     def __iter__(self):
         while True:
             yield self.next_batch()
 
+    def close(self) -> None:
+        for cursor in self.cursors.values():
+            cursor.close()
+
     def state(self) -> dict:
-        """What a resume needs to continue the plan (the same on every worker). Epochs and
-        the samples consumed in them are the data position's (`pipelines.position`)."""
+        """What a resume needs to continue the plan (the same on every worker), a copy of
+        it as of now. Epochs and the samples consumed in them are the data position's
+        (`pipelines.position`)."""
         return {"plan": self.plan.state()}
 
     def load_state(self, state: dict) -> None:
         self.plan.load_state(state["plan"])
 
 
-def collate(batch: dict, device=None) -> dict:
-    """A mixer batch -> torch: fp32 InternVL-normalised pixel values (B, 3, H, W) for image
-    and source (the model casts them to its own dtype)."""
-    import torch
+def prepared(mixer: TaskMixer, accumulation: int, depth: int) -> Iterator[tuple[dict, dict | None]]:
+    """The mixer's micro batches, up to `depth` of them prepared ahead in a thread (0: in
+    the caller), each step's last one with the mixer's state after that step: a
+    checkpoint saves the state of the last step trained, which the mixer itself, ahead of
+    training, no longer has. `close()` it to stop every thread under it."""
+    if depth < 0:
+        raise ValueError(f"data.worker_prefetch must be >= 0 micro batches, got {depth}")
 
-    from unilip.encoder import pixel_values_from_uint8
+    def steps():
+        try:
+            while True:
+                for i in range(accumulation):
+                    batch = mixer.next_batch()
+                    yield batch, mixer.state() if i == accumulation - 1 else None
+        finally:  # closed (`close`): so are the mixer's reading threads
+            mixer.close()
+
+    return ReadAhead(steps(), depth, "micro-batches") if depth else steps()
+
+
+def to_device(batch: dict, device=None) -> dict:
+    """A mixer batch's images on `device`, still uint8 (a quarter of the bytes of float):
+    from pinned memory a copy to a GPU runs behind the host instead of blocking it."""
+    import torch
 
     cuda = device is not None and torch.device(device).type == "cuda"
 
-    def pixels(array: np.ndarray):  # uint8 to the device first: a quarter of the bytes of float
-        images = torch.from_numpy(np.ascontiguousarray(array))
-        if cuda:  # from pinned memory the copy runs behind the host instead of blocking it
+    def move(images):
+        images = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+        if cuda and not images.is_pinned():
             images = images.pin_memory()
-        return pixel_values_from_uint8(images.to(device, non_blocking=cuda))
+        return images.to(device, non_blocking=cuda)
 
-    return {
-        "key": list(batch["key"]),
-        "prompt": list(batch["prompt"]),
-        "task": list(batch["task"]),
-        "pixel_values": pixels(batch["image"]),
-        "source_pixel_values": pixels(batch["source"]),
-    }
+    return batch | {c: move(batch[c]) for c in IMAGES if c in batch}
+
+
+def collate(batch: dict, device=None) -> dict:
+    """A mixer batch -> the step's input: key, prompt, task as lists; fp32 InternVL-normalised
+    pixel values (B, 3, H, W), normalised on `device`, of the images and of the editing rows'
+    inputs (`source_pixel_values`, in row order; the model casts them to its own dtype)."""
+    from unilip.encoder import pixel_values_from_uint8
+
+    moved = to_device(batch, device)
+    out = {"key": list(batch["key"]), "prompt": list(batch["prompt"]), "task": list(batch["task"]),
+           "pixel_values": pixel_values_from_uint8(moved["image"])}  # fmt: skip
+    if "source" in moved:
+        out["source_pixel_values"] = pixel_values_from_uint8(moved["source"])
+    return out

@@ -10,11 +10,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipelines.decode import frame, sample_rng, skip_counter
 from pipelines.ingest import build_sources, worker_mixer
-from pipelines.mix import MixSource, StepPlan, TaskMixer, collate, effective_weights
+from pipelines.mix import MixSource, ReadAhead, StepPlan, TaskMixer, collate, effective_weights, prepared
 from pipelines.order import Order
 from pipelines.position import Intervals
 from pipelines.read import configure_data_context, raw_dataset, source_dataset
@@ -112,8 +113,7 @@ def test_decoded_pixels_match_a_reference_decode(stack, s3, ray_session):
         assert np.abs(row["image"].astype(float) - reference).mean() < 4.0  # draft-mode decode vs full decode
     # and the normalisation for InternVL on the worker side
     image = np.array(rows[0]["image"])
-    batch = collate({"key": np.array(["k"]), "prompt": np.array(["p"]), "task": np.array(["generation"]),
-                     "image": image[None], "source": np.zeros_like(image[None])})  # fmt: skip
+    batch = collate({"key": np.array(["k"]), "prompt": np.array(["p"]), "task": np.array(["generation"]), "image": image[None]})
     px = batch["pixel_values"]
     assert px.shape == (1, 3, 448, 448)
     expected = (image / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
@@ -203,8 +203,12 @@ def _fake_source(name, task, size, weight):
     def epoch(_):
         for start in range(0, size, 50):
             keys = np.array([f"{name}-{i}" for i in range(start, min(size, start + 50))], dtype=object)
-            yield {"key": keys, "prompt": keys, "image": np.zeros((len(keys), 2, 2, 3), np.uint8),
-                   "url": np.array([name] * len(keys), dtype=object), "index": np.arange(start, start + len(keys))}
+            images = {"image": np.zeros((len(keys), 2, 2, 3), np.uint8)}
+            if task == "editing":
+                index = np.arange(start, start + len(keys))  # an input telling its row
+                images["source"] = np.broadcast_to((index % 251).astype(np.uint8)[:, None, None, None], (len(keys), 2, 2, 3))
+            yield {"key": keys, "prompt": keys, "url": np.array([name] * len(keys), dtype=object),
+                   "index": np.arange(start, start + len(keys))} | images  # fmt: skip
 
     return MixSource(name, task, weight, epoch)
 
@@ -235,6 +239,11 @@ def test_realised_task_ratio_and_determinism(sizes, multipliers, mode):
     assert abs(tasks.count("editing") / len(tasks) - target) < 0.02, (tasks.count("editing") / len(tasks), target)
     if mode != "mixed":
         assert all(len(set(b["task"])) == 1 for b in batches)
+    # an input image for each editing row, in row order, and none for generation rows
+    for b in batches:
+        editing = b["task"] == "editing"
+        assert b["source"][:, 0, 0, 0].tolist() == (b["index"][editing] % 251).tolist()
+    assert all(b["image"].dtype == torch.uint8 and b["image"].shape == (16, 2, 2, 3) for b in batches)
     assert all(c.epoch > 0 for c in mixer.cursors.values())  # every source cycled
     again = [k for b in run(7)[1] for k in b["key"]]
     assert again == [k for b in batches for k in b["key"]]  # same seed -> same order
@@ -343,6 +352,7 @@ def test_the_worker_shuffle_buffer_reorders_each_epoch_and_keeps_every_sample_on
         split = sources.datasets["gen"].streaming_split(1, equal=True)[0]
         mixer = worker_mixer(sources.plan, {"gen": split}, batch_size=4, mode="single_task", seed=3, local_shuffle=local_shuffle)
         batches = [mixer.next_batch() for _ in range(steps)]
+        mixer.close()
         return [[k for b in batches[e * 4:(e + 1) * 4] for k in b["key"]] for e in (0, 1)]
 
     plain, shuffled = keys(0), keys(8)
@@ -350,6 +360,37 @@ def test_the_worker_shuffle_buffer_reorders_each_epoch_and_keeps_every_sample_on
     assert shuffled[0] != plain[0] and shuffled[1] != plain[1]  # reordered on the worker
     assert shuffled[0] != shuffled[1]  # reseeded per epoch
     assert keys(8) == shuffled  # the same seed: the same order
+
+
+def in_shared_memory(array: np.ndarray) -> bool:
+    """Whether `array`'s data lies in a shared-memory mapping of this process (the object store's)."""
+    address = array.ctypes.data
+    for line in open("/proc/self/maps"):
+        span, _, offset, _, _, *path = line.split()
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        if lo <= address < hi:
+            return "/dev/shm/" in " ".join(path)
+    return False
+
+
+def test_blocks_reach_the_mixer_without_a_copy(stack, s3, ray_session):
+    uri = f"s3://{stack.bucket}/zero-copy"
+    build_sample_dataset(uri, s3, 16, 0, shard_size=4, size=64, log=lambda m: None)
+    cfg = DataConfig(resolution=56, sources=[SourceConfig("gen", join(uri, "generation"), "generation", 1.0)])
+    sources = build_sources(cfg, s3)
+
+    def delivered(**kw):  # the array Ray Data handed the mixer for the rows it just took
+        split = sources.datasets["gen"].streaming_split(1, equal=True)[0]
+        mixer = worker_mixer(sources.plan, {"gen": split}, batch_size=4, mode="single_task", seed=3, **kw)
+        batch = mixer.next_batch()
+        block = mixer.cursors["gen"]._batch["image"]
+        mixer.close()
+        return block, batch
+
+    block, batch = delivered()
+    assert in_shared_memory(block) and not block.flags.writeable  # a view of the object store's block
+    assert not in_shared_memory(batch["image"].numpy())  # the one copy: into the micro batch
+    assert not in_shared_memory(delivered(local_shuffle=8)[0])  # re-batched by Ray: copied on the way
 
 
 def test_storage_outage_mid_stream_loses_nothing(stack, s3, ray_session):
@@ -404,6 +445,57 @@ def test_the_trainer_refuses_rows_of_another_epoch_than_its_own():
         mixer.next_batch()
 
 
+def test_prepared_micro_batches_carry_the_state_of_the_step_they_end():
+    """Micro batches made ahead in a thread are the ones made in the caller, and each step's
+    last one carries the plan's state after that step (what a checkpoint after it saves),
+    while the mixer's own state has run ahead."""
+    def sources():  # each read ahead in a thread of its own too
+        out = [_fake_source("gen", "generation", 120, 2.0), _fake_source("edit", "editing", 30, 1.0)]
+        for source in out:
+            source.prefetch = 8
+        return out
+
+    def run(depth, steps=12):
+        mixer = TaskMixer(sources(), 4, "single_task", seed=5, accumulation=2)
+        batches = prepared(mixer, accumulation=2, depth=depth)
+        got = [next(batches) for _ in range(2 * steps)]
+        time.sleep(0.2)  # the thread fills its read-ahead
+        live = mixer.state()
+        batches.close()
+        return [b for b, _ in got], [state for _, state in got], live
+
+    batches, states, _ = run(depth=0)
+    before = set(threading.enumerate())
+    ahead, ahead_states, live = run(depth=3)
+    assert [list(b["key"]) for b in ahead] == [list(b["key"]) for b in batches]
+    assert all(s is None for s in ahead_states[0::2]) and ahead_states == states  # one state per step, at its end
+    assert live != ahead_states[-1]  # the mixer itself is steps ahead of what was handed out
+    assert set(threading.enumerate()) <= before  # close() ended every thread it started
+    # the state at the end of step 5 continues the plan as the uninterrupted run went on
+    resumed = TaskMixer(sources(), 4, "single_task", seed=5, accumulation=2)
+    resumed.load_state(ahead_states[9])
+    assert [resumed.next_batch()["task"][0] for _ in range(4)] == [b["task"][0] for b in batches[10:14]]
+    assert len({b["task"][0] for b in batches}) == 2  # both tasks in the plan
+
+
+def test_read_ahead_holds_rows_not_batches():
+    pulled = []
+
+    def stream():
+        for i in range(100):
+            pulled.append(i)
+            yield {"key": np.arange(3)}  # small blocks: 3 rows each
+
+    ahead = ReadAhead(stream(), 10, "rows", size=lambda b: len(b["key"]))
+    time.sleep(0.3)
+    assert len(pulled) == 4  # 12 rows held: at least 10, and no more blocks than that takes
+    next(ahead)
+    time.sleep(0.3)
+    assert len(pulled) == 5  # 9 rows held: one more block
+    ahead.close()
+    assert not ahead._thread.is_alive()
+
+
 def test_data_bench_times_both_orders_side_by_side(tmp_path):
     build_sample_dataset(str(tmp_path), s3_access(), 24, 0, shard_size=2, size=96, log=lambda m: None)
     r = run_cli("data", "bench", "--src", str(tmp_path / "generation"), "--resolution", "56")
@@ -411,3 +503,18 @@ def test_data_bench_times_both_orders_side_by_side(tmp_path):
     assert "24 images at 56 px" in r.stdout
     ratios = r.stdout.split("shuffled / manifest order:")[1].split("x")[0]
     assert float(ratios) > 0 and "Ray shuffled" in r.stdout, r.stdout
+
+
+def test_data_bench_ingest_runs_the_workers_path_before_and_after(tmp_path):
+    build_sample_dataset(str(tmp_path), s3_access(), 24, 0, shard_size=4, size=96, log=lambda m: None)
+    r = run_cli("data", "bench", "--ingest", "--src", str(tmp_path / "generation"), "--resolution", "56", "--micro-batch", "4",
+                "--steps", "4", "--step-s", "0.05")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "24 generation rows decoded to 56 px" in r.stdout, r.stdout
+    for path in ("re-batched, on the step's path:", "whole blocks, prepared ahead:"):
+        block = r.stdout.split(path)[1].splitlines()[1:3]  # as fast as it comes, at the step
+        figures = [float(line.split("consumer CPU")[1].split("ms/image")[0]) for line in block]
+        assert len(figures) == 2 and all(f > 0 for f in figures), r.stdout
+    assert "consumer CPU" in r.stdout.splitlines()[-1] and "x less" in r.stdout.splitlines()[-1]
+    bad = run_cli("data", "bench", "--ingest", "--src", str(tmp_path / "generation"), "--micro-batch", "0")
+    assert bad.returncode == 2 and "--micro-batch" in bad.stderr

@@ -61,7 +61,7 @@ def raw_batch(photos: np.ndarray, task: str, size: int) -> dict:
     n = len(images)
     prompts = [edit_prompt("Make it brighter.") if task == "editing" else generation_prompt("a photo") for _ in range(n)]
     return {"key": np.array([str(i) for i in range(n)]), "prompt": np.array(prompts, dtype=object),
-            "task": np.array([task] * n, dtype=object), "image": images, "source": images}  # fmt: skip
+            "task": np.array([task] * n, dtype=object), "image": images} | ({"source": images} if task == "editing" else {})  # fmt: skip
 
 
 def test_reconstruction_with_gan_and_distillation_from_step_0_trains_in_bf16(process_group, photos):

@@ -3,6 +3,7 @@
     unilip --help
     unilip local up|status|env|down [--home DIR]
     unilip data sample --out s3://unilip/sample --gen 200 --edit 100
+    unilip data bench --ingest --src s3://unilip/sample/generation
     unilip recipe list
     unilip recipe show gen-stage2 --set train.lr=2e-4
     unilip plan gen-stage2 --gpus 16 --gpu a100-80g
@@ -81,7 +82,15 @@ def _data_bench(args) -> int:
     from pipelines.bench import run_bench
     from unilip.s3 import s3_access
 
-    run_bench(args.src, s3_access(), args.resolution, None if args.inflight_mb == 0 else args.inflight_mb)
+    inflight = None if args.inflight_mb == 0 else args.inflight_mb
+    if args.ingest:
+        from pipelines.bench import run_ingest_bench
+
+        if args.micro_batch < 1 or args.steps < 1 or args.step_s < 0:
+            raise ValueError(f"--micro-batch and --steps must be >= 1 and --step-s >= 0, got {args.micro_batch}, {args.steps}, {args.step_s}")
+        run_ingest_bench(args.src, s3_access(), args.resolution, args.micro_batch, args.step_s, args.steps, inflight)
+    else:
+        run_bench(args.src, s3_access(), args.resolution, inflight)
     return 0
 
 
@@ -448,11 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--task", choices=["generation", "editing"], default="generation", help="task of --from wds tars")
     p.set_defaults(func=_data_convert)
-    p = data.add_parser("bench", help="images/s S3 -> tensors: Ray pipeline (manifest order and shuffled) vs a plain single-process loop")
+    p = data.add_parser("bench", help="images/s S3 -> tensors: Ray pipeline (manifest order and shuffled) vs a plain single-process "
+                        "loop; --ingest: the training worker's CPU per image and wait per micro batch, before and after")  # fmt: skip
     p.add_argument("--src", required=True, help="a source (directory or s3:// prefix with manifest.json)")
     p.add_argument("--resolution", type=int, default=448)
     p.add_argument("--inflight-mb", type=int, default=DataConfig.inflight_mb,
                    help=f"object-store MB in flight (default {DataConfig.inflight_mb}; 0: Ray Data's default)")  # fmt: skip
+    p.add_argument("--ingest", action="store_true", help="the training worker's path (split -> mixer -> device), no model")
+    p.add_argument("--micro-batch", type=int, default=32, help="--ingest: images per micro batch (default 32, the paper's)")
+    p.add_argument("--step-s", type=float, default=0.2, help="--ingest: seconds of the simulated step (default 0.2)")
+    p.add_argument("--steps", type=int, default=40, help="--ingest: steps per pass (default 40)")
     p.set_defaults(func=_data_bench)
 
     p = sub.add_parser("recipe", help="training recipes: list them, show one with overrides")
