@@ -285,7 +285,7 @@ def run_demo(steps: int = 30, n_gen: int = 64, n_edit: int = 32, size: int = 512
     for key in ("generated", "edited", "reconstruction"):
         print(f"   {key + ':':<15} {responses[key]['path']}")
     print(f"   understanding:  {responses['understanding']['answer']!r} ({responses['understanding']['path']})")
-    print(f"   reconstruction: {responses['reconstruction']['psnr_db']:.1f} dB PSNR on the served photo"
+    print(f"   PSNR:           {responses['reconstruction']['psnr_db']:.1f} dB, the served photo's reconstruction"
           + "".join(f", {v:.1f} dB on the held-out samples after {k}" for k, v in heldout.items()))  # fmt: skip
     print(f"   loss curves:    {loss_png}")
     for name in stages:

@@ -197,17 +197,22 @@ class IntervalMeans:
 
     def _reset(self) -> None:
         self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+        self.host_sums = [0.0] * len(self.names)
         self.counts = [0] * len(self.names)
 
     def add(self, values: dict[str, torch.Tensor | float]) -> None:
         for name, value in values.items():
             i = self.index[name]
-            self.sums[i] += value  # on the device: no wait for it
+            if isinstance(value, torch.Tensor):
+                self.sums[i] += value  # on the device: no wait for it
+            else:
+                self.host_sums[i] += value  # a timing: no kernel launch for it
             self.counts[i] += 1
 
     def read(self) -> dict[str, float]:
         """The interval's means (every worker calls it); starts the next interval."""
-        values = torch.stack([self.sums, torch.tensor(self.counts, dtype=torch.float64, device=self.device)])
+        host = torch.tensor([self.host_sums, self.counts], dtype=torch.float64).to(self.device)
+        values = torch.stack([self.sums + host[0], host[1]])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(values)
         sums, counts = values.tolist()  # the interval's one read of the device
