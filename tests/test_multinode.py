@@ -67,13 +67,14 @@ def train_workers(st) -> dict[str, str]:
 def test_training_survives_losing_a_worker_node_with_every_sample_once(cluster, tmp_path):
     s3 = cluster.s3()
     root = write_samples(cluster, s3)
-    # 48 samples, 12 steps x global batch 4: one epoch; checkpoints every 2 steps
-    build_sample_dataset(f"{root}/many", s3, 48, 0, shard_size=2, size=64, log=lambda m: None)
+    # 96 samples, 24 steps x global batch 4: one epoch; checkpoints every 2 steps. The node
+    # goes at step 4: 20 steps (about 20 s here) are left for the kill to land in
+    build_sample_dataset(f"{root}/many", s3, 96, 0, shard_size=2, size=64, log=lambda m: None)
     runs = f"{root}/runs/node-loss"
     log = tmp_path / "train.log"
     cmd = [sys.executable, "-m", "unilip.cli", "train", "recon-stage1", "--preset", "tiny", "--workers", "2",
-           "--cpus-per-worker", "1.5", "--run-name", "node-loss", "--set", "train.steps=12", "--set", "train.checkpoint_every=2",
-           "--set", "train.eval_every=12", "--set", "train.record_samples=true", "--set", f"data.sources.0.uri={root}/many/generation"]  # fmt: skip
+           "--cpus-per-worker", "1.5", "--run-name", "node-loss", "--set", "train.steps=24", "--set", "train.checkpoint_every=2",
+           "--set", "train.eval_every=24", "--set", "train.record_samples=true", "--set", f"data.sources.0.uri={root}/many/generation"]  # fmt: skip
     env = {**os.environ, **cluster.env()}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
@@ -84,6 +85,7 @@ def test_training_survives_losing_a_worker_node_with_every_sample_once(cluster, 
             time.sleep(1)
         names = node_names(cluster)
         assert sorted(names[n] for n in train_workers(cluster).values()) == ["node-1", "node-2"]  # one on each
+        assert not s3.list_keys(f"{runs}/step-00000020/"), "the run got too close to its end before the node loss"
         cluster.kill_node("node-1")
         add_node(cluster, "node-3")  # the replacement machine
         assert proc.wait(timeout=900) == 0, log.read_text()[-6000:]
@@ -94,7 +96,7 @@ def test_training_survives_losing_a_worker_node_with_every_sample_once(cluster, 
     logs = log.read_text()
     assert "resumed from step" in logs, logs[-6000:]
     steps, per_rank = recorded_samples(s3, runs)
-    assert steps == [f"step-{i:08d}" for i in range(1, 13)]  # every step recorded once
+    assert steps == [f"step-{i:08d}" for i in range(1, 25)]  # every step recorded once
     keys = per_rank[0] + per_rank[1]
     assert len(keys) == len(set(keys)) == read_manifest(f"{root}/many/generation", s3).samples  # none lost, none repeated
 
