@@ -131,7 +131,7 @@ def build_stage(recipe: Recipe, init_from: str | None, s3, device, throwaway: bo
 
 def optimizer_step(engine, stage: Stage, micro_batches, step: int, recipe: Recipe, world: int,
                    rng: random.Random, generator: torch.Generator, device) -> dict[str, torch.Tensor]:  # fmt: skip
-    """One optimizer step over collated micro batches (a sized iterable: `StepData` draws
+    """One optimizer step over collated micro batches (a sized iterable: `pipelines.mix.StepData` draws
     each as it is needed): the model through DeepSpeed, then
     the discriminator (when the adversarial loss is on at `step`). Returns this worker's
     terms, each the mean over the micro batches that had it, as tensors where they were
@@ -155,34 +155,6 @@ def optimizer_step(engine, stage: Stage, micro_batches, step: int, recipe: Recip
         set_lr(stage.critic_optimizer, lr_at(step, tc, start=recipe.loss.gan_start_step))
         critic_step(loss.discriminator, stage.critic_optimizer, tc.grad_clip, world)
     return {k: torch.stack(v).mean() for k, v in sums.items()}
-
-
-class StepData:
-    """One step's micro batches from `pipelines.mix.prepared`, each collated onto the device
-    as the step asks for it (the next ones are prepared meanwhile). Afterwards: the raw
-    batches (`consumed`), the mixer's state after the step, the time spent waiting for
-    them and the host's time moving them."""
-
-    def __init__(self, micro_batches, accumulation: int, device):
-        self.micro_batches, self.accumulation, self.device = micro_batches, accumulation, device
-        self.consumed, self.mixer_state, self.wait_s, self.host_s = [], None, 0.0, 0.0
-
-    def __len__(self) -> int:
-        return self.accumulation
-
-    def __iter__(self):
-        from pipelines.mix import collate
-
-        for _ in range(self.accumulation):
-            asked = time.perf_counter()
-            raw, state = next(self.micro_batches)
-            got = time.perf_counter()
-            batch = collate(raw, self.device)
-            self.wait_s, self.host_s = self.wait_s + got - asked, self.host_s + time.perf_counter() - got
-            self.consumed.append(raw)
-            if state is not None:  # the step's last micro batch
-                self.mixer_state = state
-            yield batch
 
 
 class IntervalMeans:
@@ -228,7 +200,7 @@ def train_loop(config: dict) -> None:
     from jobs.evaluate import evaluate, load_eval_images
     from jobs.tracking import Tracker, image_grid
     from pipelines.ingest import REST, SourcePlan, layout, worker_mixer
-    from pipelines.mix import prepared
+    from pipelines.mix import StepData, collate, prepared
     from pipelines.position import Position
     from unilip.s3 import s3_access
 
@@ -342,7 +314,7 @@ def train_loop(config: dict) -> None:
     while step < tc.steps:
         maybe_fault(config, tc.fault_steps, step, rank, world, s3)
         step_started = time.perf_counter()
-        data = StepData(micro_batches, accumulation, device)
+        data = StepData(micro_batches, accumulation, device, collate)
         terms = optimizer_step(engine, stage, data, step, recipe, world, rng, generator, device)
         ema.update(step + 1)
         booked = time.perf_counter()

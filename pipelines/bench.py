@@ -218,7 +218,7 @@ def ingest_pass(dataset, task: str, micro_batch: int, steps: int, step_s: float,
     import torch
 
     from pipelines.ingest import SourcePlan, worker_mixer
-    from pipelines.mix import prepared, to_device
+    from pipelines.mix import StepData, prepared, to_device
 
     split = dataset.streaming_split(1, equal=True)[0]
     plan = {"bench": SourcePlan(task, 1.0, 0, [], "")}
@@ -230,7 +230,8 @@ def ingest_pass(dataset, task: str, micro_batch: int, steps: int, step_s: float,
         if i == warmup:
             cpu, wall = time.process_time(), time.perf_counter()
         asked = time.perf_counter()
-        batch = to_device(next(batches)[0], device)
+        data = StepData(batches, 1, device, to_device)  # the training loop's own step input
+        (batch,) = data
         if device.type == "cuda":
             torch.cuda.current_stream().synchronize()  # on the device: what the step needs
         if i >= warmup:

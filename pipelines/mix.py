@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import random
 import threading
+import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -354,6 +355,32 @@ def prepared(mixer: TaskMixer, accumulation: int, depth: int) -> Iterator[tuple[
             mixer.close()
 
     return ReadAhead(steps(), depth, "micro-batches") if depth else steps()
+
+
+class StepData:
+    """One step's micro batches from `prepared`, each moved onto the device by `move`
+    (`collate` in training, `to_device` in the ingest benchmark) as the step asks for it,
+    while the next ones are prepared. Afterwards: the raw batches (`consumed`), the
+    mixer's state after the step, the time spent waiting for them and the host's time moving them."""
+
+    def __init__(self, micro_batches, accumulation: int, device, move: Callable[[dict, object], dict]):
+        self.micro_batches, self.accumulation, self.device, self.move = micro_batches, accumulation, device, move
+        self.consumed, self.mixer_state, self.wait_s, self.host_s = [], None, 0.0, 0.0
+
+    def __len__(self) -> int:
+        return self.accumulation
+
+    def __iter__(self):
+        for _ in range(self.accumulation):
+            asked = time.perf_counter()
+            raw, state = next(self.micro_batches)
+            got = time.perf_counter()
+            batch = self.move(raw, self.device)
+            self.wait_s, self.host_s = self.wait_s + got - asked, self.host_s + time.perf_counter() - got
+            self.consumed.append(raw)
+            if state is not None:  # the step's last micro batch
+                self.mixer_state = state
+            yield batch
 
 
 def to_device(batch: dict, device=None) -> dict:
