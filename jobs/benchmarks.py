@@ -103,6 +103,8 @@ class Benchmark:
         if path is None:
             raise BenchError(f"{self.name} needs --bench: {self.bench_help}")
         root = Path(path)
+        if root.is_file() and len(self.pinned) == 1:  # the bench's one file itself, under any name
+            return {next(iter(self.pinned)): root}
         found = {}
         for rel in self.pinned:
             for candidate in (root / rel, root / Path(rel).name, root):

@@ -239,6 +239,9 @@ def train_loop(config: dict) -> None:
     ema = EMA(trainable, tc.ema_decay)
     log(f"[{recipe.name}] {world} workers on {device.type}, {torch.get_num_threads()} torch threads each, "
         f"micro batch {tc.micro_batch} x {accumulation} accumulation, ZeRO-{zero_stage(tc, world)}, {tc.precision}")  # fmt: skip
+    if model.cfg.dit_pos_embed != recipe.model.dit_pos_embed:
+        log(f"[{recipe.name}] DiT positional embedding {model.cfg.dit_pos_embed!r}, as the starting model's generator "
+            f"was trained (the recipe's {recipe.model.dit_pos_embed!r} applies to a DiT fresh from its source)")  # fmt: skip
 
     # Sampling randomness (CFG drops, noise, timesteps) differs per worker, and is checkpointed.
     rng = random.Random(tc.seed * 1000 + rank)

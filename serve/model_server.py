@@ -55,8 +55,12 @@ class UniLIPModel:
         return self.model
 
     def status(self) -> dict:
-        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.") if self.model is not None else None
-        return {"ready": self.model is not None, "error": self.error, "model": self.model_uri, "dtype": dtype}
+        from unilip.presets import dit_pos_embed_of
+
+        loaded = self.model is not None
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.") if loaded else None
+        pos_embed = dit_pos_embed_of(self.model.generator.dit) if loaded else None  # what the built DiT adds
+        return {"ready": loaded, "error": self.error, "model": self.model_uri, "dtype": dtype, "dit_pos_embed": pos_embed}
 
     def check_health(self) -> None:
         self._ready_model()

@@ -231,6 +231,10 @@ def test_the_shipped_geneval_file_is_the_pinned_one_and_bench_errors_are_clear(t
     files = bench.locate(None)
     assert bench.verify(files) == {"prompts/evaluation_metadata.jsonl": bench.pinned["prompts/evaluation_metadata.jsonl"]}
     assert len(bench.items(files)) == 553 * 4 and (BENCH_FILES / "GENEVAL_LICENSE").read_text().startswith("MIT License")
+    # the metadata file itself, under any name (as --help says)
+    renamed = tmp_path / "my_prompts.jsonl"
+    renamed.write_bytes(files["prompts/evaluation_metadata.jsonl"].read_bytes())
+    assert bench.locate(str(renamed)) == {"prompts/evaluation_metadata.jsonl": renamed} and bench.verify(bench.locate(str(renamed)))
     with pytest.raises(BenchError, match="wise needs --bench"):
         Wise().locate(None)
     with pytest.raises(BenchError, match=r"WISE_legacy/data/cultural_common_sense.json not found"):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from jobs.recipes import load_recipe
 from pipelines.sample_data import decode, generation_sample
-from unilip.config import LossConfig, ModelConfig
+from unilip.config import ConfigError, LossConfig, ModelConfig
 from unilip.model import UniLIP
 from unilip.presets import build_parts
 from unilip.prompts import IMAGE, NULL_EDIT, NULL_GENERATION, edit_prompt, generation_prompt
@@ -218,6 +218,69 @@ def test_checkpoint_round_trip_is_exact(tmp_path, photos):
     files = {p.name for p in (tmp_path / "m").iterdir()}
     assert {"config.json", "encoder.safetensors", "dit.safetensors", "queries.safetensors"} <= files
     assert "discriminator.safetensors" not in files  # training state of the loss, not part of the model
+
+
+def test_the_dit_positional_embedding_is_kept_with_the_model(tmp_path):
+    """No weight file holds it (a non-persistent buffer), so config.json does: saved, loaded,
+    kept by a next stage once the generator trained with it, and never guessed."""
+    sincos = UniLIP.from_preset("tiny", ModelConfig(preset="tiny", num_queries=16, dit_pos_embed="sincos")).eval()
+    assert sincos.generator.dit.patch_embed.pos_embed is not None
+    assert UniLIP.from_preset("tiny", ModelConfig(preset="tiny", num_queries=16)).generator.dit.patch_embed.pos_embed is None
+    sincos.set_trainable(["connector", "dit"])
+    loaded = UniLIP.from_pretrained(sincos.save_pretrained(tmp_path / "sincos")).eval()
+    assert loaded.cfg.dit_pos_embed == "sincos" and loaded.generator.dit.patch_embed.pos_embed is not None
+    assert torch.equal(loaded.generate_tensors(["a cat"], steps=2, seed=0), sincos.generate_tensors(["a cat"], steps=2, seed=0))
+    # a next stage (its recipe's model config) keeps what the trained generator needs ...
+    assert UniLIP.from_pretrained(tmp_path / "sincos", cfg=ModelConfig(preset="tiny", num_queries=16)).cfg.dit_pos_embed == "sincos"
+    # ... and takes its own where the generator is untrained (a reconstruction export)
+    recon = UniLIP.from_preset("tiny", ModelConfig(preset="tiny", num_queries=16))
+    recon.set_trainable(["pixel_decoder"])
+    recon.save_pretrained(tmp_path / "recon")
+    nxt = UniLIP.from_pretrained(tmp_path / "recon", cfg=ModelConfig(preset="tiny", num_queries=16, dit_pos_embed="sincos"))
+    assert nxt.generator.dit.patch_embed.pos_embed is not None
+
+    def rewrite(name, edit):
+        import json
+
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        edit(config)
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+
+    # v2 directories were written before the field: the project's own were trained without it
+    # (it only ever pinned diffusers that add none), a converted release with it
+    rewrite("recon", lambda c: (c.update(version=2), c["model"].pop("dit_pos_embed")))
+    assert UniLIP.from_pretrained(tmp_path / "recon").generator.dit.patch_embed.pos_embed is None
+    rewrite("recon", lambda c: c.update(converted_from={"source": "UniLIP-1B"}))
+    assert UniLIP.from_pretrained(tmp_path / "recon").cfg.dit_pos_embed == "sincos"
+    # a v3 directory that does not say is refused, naming the field
+    rewrite("sincos", lambda c: c["model"].pop("dit_pos_embed"))
+    with pytest.raises(ConfigError, match=r"does not state model.dit_pos_embed \(none or sincos\)"):
+        UniLIP.from_pretrained(tmp_path / "sincos")
+    with pytest.raises(ValueError, match="model.dit_pos_embed must be one of none, sincos, got 'rope'"):
+        build_parts("tiny", dit_pos_embed="rope")
+
+
+def test_samples_are_clamped_before_the_resize_reconstructions_are_not(photos):
+    """The release clamps a decoded sample at 512 px, then resizes it to 448; a
+    reconstruction is resized unclamped. Checked on a decoder that overshoots [-1, 1]."""
+    import torch.nn.functional as F
+
+    model = UniLIP.from_preset("tiny", ModelConfig(preset="tiny", num_queries=16)).eval()
+    decoder = model.pixel_decoder.dcae.decoder
+    with torch.no_grad():
+        decoder.conv_out.weight.mul_(40)  # far outside [-1, 1]
+    decoded = []
+    decoder.register_forward_hook(lambda module, args, out: decoded.append(out.detach().float()))
+    bilinear = lambda x: F.interpolate(x, size=(448, 448), mode="bilinear", align_corners=False)  # noqa: E731  (cv2 INTER_LINEAR)
+    generated = model.generate_tensors(["a cat"], steps=2, seed=0)
+    (full,) = decoded
+    assert full.shape[-1] == 512 and full.abs().max() > 1.5
+    assert torch.allclose(generated, bilinear(full.clamp(-1, 1)), atol=1e-6)
+    assert (bilinear(full).clamp(-1, 1) - generated).abs().max() > 0.05  # the other order differs
+    edited = model.edit_tensors(photos[:1], ["Make it blue."], steps=2, seed=0)
+    assert torch.allclose(edited, bilinear(decoded[-1].clamp(-1, 1)), atol=1e-6)
+    recon, _ = model.reconstruct_tensors(model.preprocess(photos[:1], 448))
+    assert torch.allclose(recon, bilinear(decoded[-1]), atol=1e-6) and recon.abs().max() > 1.5
 
 
 def test_generator_loads_the_reconstruction_trained_encoder_explicitly(tmp_path):

@@ -26,6 +26,13 @@ def test_model_cli_end_to_end(tmp_path):
     assert all(Image.open(tmp_path / "out" / f).size == (448, 448) for f in files)
     r = run_cli("understand", "--model", model, "--image", ASTRONAUT, "--question", "What is shown?", "--max-new-tokens", "3")
     assert r.returncode == 0, r.stderr
+    # the DiT's positional embedding, chosen at init and stated in the directory; the summary names it
+    r = run_cli("model", "init", "--preset", "tiny", "--out", str(tmp_path / "sincos"), "--set", "dit_pos_embed=sincos")
+    assert r.returncode == 0 and '"dit_pos_embed": "sincos"' in (tmp_path / "sincos" / "config.json").read_text(), r.stderr
+    r = run_cli("model", "summary", "--preset", "tiny", "--set", "dit_pos_embed=sincos")
+    assert r.returncode == 0 and "DiT positional embedding: sincos" in r.stdout, r.stderr
+    r = run_cli("model", "summary", "--preset", "tiny", "--set", "dit_pos_embed=rope")
+    assert r.returncode == 2 and "dit_pos_embed" in r.stderr and "'none', 'sincos'" in r.stderr, r.stderr
     for args, message in (
         (["generate", "--model", model, "--prompt", "x", "--guidance", "nan"], "guidance_scale"),
         (["edit", "--model", model, "--image", str(tmp_path / "missing.png"), "--prompt", "x"], "cannot read image"),
@@ -52,3 +59,28 @@ def test_pretrained_parts_load_from_s3_through_the_access_point(stack, s3, tmp_p
     with torch.no_grad():
         assert np.allclose(dcae.decode(x).sample.numpy(), loaded.decode(x).sample.numpy())
     assert resolve_pretrained("OpenGVLab/InternVL3-1B-hf") == "OpenGVLab/InternVL3-1B-hf"  # hub ids pass through
+
+
+def test_a_model_on_pretrained_sources_builds_its_dit_with_the_saved_embedding(tmp_path):
+    """The path of a real preset (every frozen part `from_pretrained` from its source): the
+    DiT comes from SANA's published config, which says nothing of the embedding, and gets
+    the one the model directory states."""
+    import dataclasses
+    import json
+
+    from unilip.config import ModelConfig
+    from unilip.model import UniLIP
+
+    parts = build_parts("tiny", dit_pos_embed="sincos")
+    parts.mllm.save_pretrained(tmp_path / "mllm")
+    parts.tokenizer.save_pretrained(tmp_path / "mllm")
+    parts.dcae.save_pretrained(tmp_path / "dcae")
+    parts.dit.save_pretrained(tmp_path / "sana" / "transformer")
+    config = tmp_path / "sana" / "transformer" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"interpolation_scale": None}))  # as SANA publishes it
+    parts.sources = dataclasses.replace(parts.sources, mllm=str(tmp_path / "mllm"), dit=str(tmp_path / "sana"), dcae=str(tmp_path / "dcae"))
+    model = UniLIP(parts, ModelConfig(preset="tiny", num_queries=8, dit_pos_embed="sincos")).eval()
+    model.set_trainable(["connector", "dit"])
+    loaded = UniLIP.from_pretrained(model.save_pretrained(tmp_path / "model")).eval()
+    assert loaded.sources.dit == str(tmp_path / "sana") and loaded.generator.dit.patch_embed.pos_embed is not None
+    assert torch.equal(loaded.generate_tensors(["a cat"], steps=2, seed=0), model.generate_tensors(["a cat"], steps=2, seed=0))

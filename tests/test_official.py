@@ -3,10 +3,13 @@
 A synthetic release (the tiny preset's shapes under the release's names and file layout,
 `tests/release_fixture.py`) converts, loads, and gives the outputs of the same weights
 loaded natively; the real UniLIP-1B key list maps onto the unilip-1b model built on the
-meta device; broken releases fail on their first bad key, and pickles are never read.
+meta device; broken releases fail on their first bad key, and pickles are never read. The
+converted DiT adds the positional embedding the release was trained with (diffusers
+0.32.2's), and a release whose frozen LLM is not sources.mllm's is refused.
 """
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from tests.conftest import run_cli
 from tests.release_fixture import key_patterns, official_1b_keys, perturbed_tiny, release_state, write_release
 from unilip.model import UniLIP, component_state
 from unilip.official import ConversionError, convert_official, expected_shapes, plan, release_model_config
+from unilip.presets import build_parts
 
 QUIET = dict(log=lambda m: None)
 
@@ -71,7 +75,9 @@ def test_converted_release_loads_and_equals_the_native_model(tiny, native, tmp_p
     assert config["model"]["solver"] == "dpm" and config["model"]["guidance_scale"] == 4.5 and config["model"]["num_inference_steps"] == 20
     assert config["prompt_format"]["generation"] == "Generate an image: {prompt}"
     assert config["converted_from"]["tensors"] == 311 and config["converted_from"]["n_query"] == 256
-    if shards == 1:  # the four tasks give the native model's outputs
+    assert config["model"]["dit_pos_embed"] == "sincos"
+    if shards == 1:  # the four tasks give the outputs of the same weights with the release's DiT embedding
+        native = UniLIP.from_pretrained(native_dir(tiny, tmp_path, "sincos"))
         pil = [Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8))]
         for m in (model, native):
             m.eval()
@@ -81,6 +87,61 @@ def test_converted_release_loads_and_equals_the_native_model(tiny, native, tmp_p
         pixels = model.preprocess(pil, 448)
         assert torch.equal(model.reconstruct_tensors(pixels)[0], native.reconstruct_tensors(pixels)[0])
         assert model.understand(pil[0], "What is it?", 8) == native.understand(pil[0], "What is it?", 8)
+
+
+def native_dir(tiny, tmp_path, dit_pos_embed: str):
+    """`tiny`'s weights saved the project's way, its DiT with `dit_pos_embed`."""
+    model = UniLIP(build_parts("tiny", dit_pos_embed=dit_pos_embed), replace(tiny.cfg, dit_pos_embed=dit_pos_embed))
+    for name, part in model.components().items():
+        source = tiny.components()[name]
+        part.data.copy_(source) if isinstance(part, torch.nn.Parameter) else part.load_state_dict(source.state_dict())
+    model.trained_parts = set(tiny.trained_parts)
+    return model.save_pretrained(tmp_path / f"native-{dit_pos_embed}")
+
+
+def test_the_converted_dit_adds_the_sincos_embedding_diffusers_0_32_added(tiny, tmp_path):
+    """The release's DiT was fine-tuned with the 2-D sincos embedding diffusers 0.32.2 added
+    to SANA (a non-persistent buffer, in no weight file): the converted DiT adds exactly
+    diffusers' own `get_2d_sincos_pos_embed` at its 16x16 latent grid, and nothing else."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    convert_official(str(write_release(tiny, tmp_path / "release")), tmp_path / "converted", **QUIET)
+    dit = UniLIP.from_pretrained(tmp_path / "converted").generator.dit.eval()
+    patch = dit.patch_embed
+    width, side = dit.config.num_attention_heads * dit.config.attention_head_dim, dit.config.sample_size
+    want = get_2d_sincos_pos_embed(width, side, base_size=side // dit.config.patch_size, interpolation_scale=1.0, output_type="pt")
+    x = torch.randn(2, dit.config.in_channels, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        added = patch(x) - patch.proj(x).flatten(2).transpose(1, 2)  # what the embedding adds to every token
+    assert torch.allclose(added, want.float().expand_as(added), atol=1e-6)
+    # the same weights without it compute something else: the embedding is not a no-op
+    plain = UniLIP.from_pretrained(native_dir(tiny, tmp_path, "none")).generator.dit.eval()
+    t, cond = torch.tensor([500.0, 500.0]), torch.randn(2, 5, dit.config.caption_channels)
+    with torch.no_grad():
+        with_pe, without = (d(x, encoder_hidden_states=cond, timestep=t).sample for d in (dit, plain))
+    assert (with_pe - without).abs().max() > 1e-2
+
+
+def test_a_release_with_another_frozen_llm_is_refused(tiny, tmp_path):
+    def other_llm(state):
+        state["model.language_model.layers.2.mlp.up_proj.weight"] += 0.5
+
+    release = _broken(tiny, tmp_path / "a", other_llm)
+    with pytest.raises(ConversionError, match=r"model.language_model.layers.2.mlp.up_proj.weight: the release's frozen LLM "
+                                              r"differs from sources.mllm \(tiny\): .* another InternVL3"):  # fmt: skip
+        convert_official(release, tmp_path / "out-a", **QUIET)
+    assert convert_official(release, tmp_path / "out-b", check_llm=False, **QUIET).preset == "tiny"
+    # the source as a local directory (transformers' own save, legacy key names, tied head): the same check
+    source = tmp_path / "internvl3-tiny"
+    build_parts("tiny").mllm.save_pretrained(source)
+    bad = run_cli("convert", "official", "--src", release, "--out", str(tmp_path / "out-c"), "--mllm", str(source))
+    assert bad.returncode == 2 and "layers.2.mlp.up_proj.weight: the release's frozen LLM differs" in bad.stderr, bad.stderr[-2000:]
+    assert "--skip-llm-check" in bad.stderr and "Traceback" not in bad.stderr
+    good = run_cli("convert", "official", "--src", str(write_release(tiny, tmp_path / "b")), "--out", str(tmp_path / "out-d"),
+                   "--mllm", str(source))  # fmt: skip
+    assert good.returncode == 0 and "frozen LLM: 75 tensors equal" in good.stdout, good.stderr[-2000:]
+    skipped = run_cli("convert", "official", "--src", release, "--out", str(tmp_path / "out-e"), "--skip-llm-check")
+    assert skipped.returncode == 0 and "checking the release's frozen LLM" not in skipped.stdout, skipped.stderr[-2000:]
 
 
 def _broken(tiny, tmp_path, edit) -> str:

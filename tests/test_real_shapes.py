@@ -34,12 +34,14 @@ def test_a_real_size_training_micro_batch(name, preset):
         stage.optimizer.step()
 
 
-@pytest.mark.parametrize("preset", ["unilip-1b", "unilip-3b"])
-def test_a_real_size_sampling_step(preset):
+@pytest.mark.parametrize("preset,dit_pos_embed", [("unilip-1b", "none"), ("unilip-3b", "none"), ("unilip-1b", "sincos")])
+def test_a_real_size_sampling_step(preset, dit_pos_embed):
     from unilip.config import ModelConfig
     from unilip.model import UniLIP
 
-    model = UniLIP.from_preset(preset, ModelConfig(preset=preset, init="random"), device="meta").to(torch.bfloat16).eval()
+    cfg = ModelConfig(preset=preset, init="random", dit_pos_embed=dit_pos_embed)  # sincos: a converted release's DiT
+    model = UniLIP.from_preset(preset, cfg, device="meta").to(torch.bfloat16).eval()
+    assert (model.generator.dit.patch_embed.pos_embed is not None) == (dit_pos_embed == "sincos")
     photo = Image.new("RGB", (640, 480), (120, 80, 40))
     with meta_run():
         generated = model.generate_tensors([CAPTION, "a red fox"], steps=1, seed=[0, 1])

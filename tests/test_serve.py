@@ -177,3 +177,4 @@ def test_overload_gets_503_with_retry_after_not_a_hang(server):
     assert all(retry == "1" for s, retry in results if s == 503)
     ready = requests.get(f"{server}/readyz", timeout=10)
     assert ready.status_code == 200 and ready.json()["dtype"] == "float32"  # dtype auto: fp32 on a CPU replica
+    assert ready.json()["dit_pos_embed"] == "sincos"  # the replica's DiT adds the embedding the release trained with

@@ -160,14 +160,19 @@ def test_gen_stage3_trains_from_a_converted_release_checkpoint(stack, sample, tm
                         "--register", "unilip-tiny-release")  # fmt: skip
     assert converted.returncode == 0, converted.stderr[-3000:]
     assert "registered models:/unilip-tiny-release/1" in converted.stdout
-    train("gen-stage3", "--from", "models:/unilip-tiny-release/1", "--run-name", "from-release", "--set", "train.steps=2",
-          "--set", "train.checkpoint_every=2", "--set", "train.eval_every=2")  # fmt: skip
+    out = train("gen-stage3", "--from", "models:/unilip-tiny-release/1", "--run-name", "from-release", "--set", "train.steps=2",
+                "--set", "train.checkpoint_every=2", "--set", "train.eval_every=2")  # fmt: skip
+    assert "DiT positional embedding 'sincos', as the starting model's generator was trained" in out
     run = mlflow_run("from-release")
     assert loss_steps(run) == [1, 2]
     registered = run.data.tags["unilip.registered"]
     version = mlflow.MlflowClient().get_model_version("unilip-tiny-gen-stage3", registered.rsplit("/", 1)[1])
     assert version.tags["from"] == "models:/unilip-tiny-release/1"
     trained = UniLIP.from_pretrained(fetch_model(registered))
+    # the DiT's positional embedding, which no weight file shows, goes through the registry
+    # both ways: the release's sincos, kept by the stage that continued it (its recipe says none)
+    assert UniLIP.from_pretrained(fetch_model("models:/unilip-tiny-release/1")).cfg.dit_pos_embed == "sincos"
+    assert trained.cfg.dit_pos_embed == "sincos" and trained.generator.dit.patch_embed.pos_embed is not None
     # gen-stage3 trains the generator; the release's encoder and pixel decoder come through unchanged
     for part in ("encoder", "pixel_decoder", "down_proj"):
         got, want = trained.components()[part].state_dict(), tiny.components()[part].state_dict()

@@ -228,12 +228,14 @@ def _plan(args) -> int:
 
 
 def _model(args) -> int:
+    from unilip.config import ModelConfig, apply_overrides
+
     if args.action == "summary":
         from unilip.summary import format_summary, parameter_summary
 
-        print(format_summary(args.preset, parameter_summary(args.preset)))
+        cfg = apply_overrides(ModelConfig(preset=args.preset), args.set)
+        print(format_summary(args.preset, parameter_summary(args.preset, cfg.dit_pos_embed), cfg.dit_pos_embed))
         return 0
-    from unilip.config import ModelConfig, apply_overrides
     from unilip.model import UniLIP
 
     if not args.out:
@@ -248,7 +250,7 @@ def _convert(args) -> int:
     from unilip.official import convert_official
 
     sources = {"mllm": args.mllm, "dit": args.dit, "dcae": args.dcae}
-    report = convert_official(args.src, args.out, args.preset, sources)
+    report = convert_official(args.src, args.out, args.preset, sources, check_llm=not args.skip_llm_check)
     print("\n".join(report.lines()))
     if args.register:
         print(f"registered {_register_converted(args.out, args.register, args.src)}")
@@ -553,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", help="tiny | unilip-1b | unilip-3b")
     p.add_argument("--out", help="model directory to write (init)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a ModelConfig field (init), e.g. init=random")  # fmt: skip
+                   help="override a ModelConfig field, e.g. init=random, dit_pos_embed=sincos")  # fmt: skip
     p.set_defaults(func=_model)
 
     convert = sub.add_parser("convert", help="convert other checkpoints to this project's model directory").add_subparsers(
@@ -565,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--register", metavar="NAME", help="also register the result in MLflow as NAME ($MLFLOW_TRACKING_URI)")
     for part in ("mllm", "dit", "dcae"):
         p.add_argument(f"--{part}", help=f"where the frozen {part} comes from (default: the preset's hub id; a directory or s3://)")
+    p.add_argument("--skip-llm-check", action="store_true",
+                   help="do not check that the release's frozen LLM is the one of --mllm (tensor by tensor; fails on the first difference)")  # fmt: skip
     p.set_defaults(func=_convert)
 
     evals = sub.add_parser("eval", help="the paper's benchmarks: images as the official scorers read them, check, summarize").add_subparsers(

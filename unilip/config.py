@@ -51,6 +51,11 @@ class ModelConfig:
     solver: Literal["euler", "dpm"] = "dpm"  # the release samples with DPM-Solver++ (flow)
     shift: float = 3.0  # flow-matching timestep shift (SANA 512 px)
     latent_space: Literal["unilip", "dcae"] = "unilip"  # diffusion space: dcae in gen stage 1 (DiT frozen)
+    # The DiT's positional embedding, a property of the weights trained with it (a
+    # non-persistent buffer: no key, shape or count shows it). none: SANA's 512 px
+    # pretraining (use_pe: false); sincos: the 2-D sincos embedding diffusers <= 0.32.2
+    # added whatever the config said, which the release's DiT was fine-tuned with.
+    dit_pos_embed: Literal["none", "sincos"] = "none"
 
 
 @dataclass

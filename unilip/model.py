@@ -16,7 +16,11 @@ always frozen; the discriminator belongs to the reconstruction loss (`unilip.los
 Checkpoint format: a directory with config.json (model config, the sources of the frozen
 parts, the latent space, which parts were trained), one fp32 safetensors file per saved
 component, and the tokenizer. UniLIP's own parts are always saved; pretrained parts
-(encoder, pixel_decoder, dit) once they were trained.
+(encoder, pixel_decoder, dit) once they were trained. The model config includes the DiT's
+positional embedding (`dit_pos_embed`), which no weight file can show: v3 directories
+must state it; a v2 directory (written before it was recorded) is read as it was trained,
+"sincos" if it was converted from the release (diffusers 0.32.2 added the embedding),
+"none" otherwise (the project has only ever pinned diffusers versions without it).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,20 +37,23 @@ from PIL import Image
 from torch import nn
 
 from unilip.checkpointing import enable_checkpointing
-from unilip.config import LossConfig, ModelConfig, from_dict
+from unilip.config import ConfigError, LossConfig, ModelConfig, from_dict
 from unilip.encoder import PATCH_MULTIPLE, UniLIPEncoder, denormalize, pixel_values_from_uint8
 from unilip.generator import Condition, DualConditionGenerator
 from unilip.losses import ReconstructionLoss
 from unilip.numerics import default_device, inference_dtype, resize_images
 from unilip.pixel_decoder import PixelDecoder
-from unilip.presets import Parts, Sources, build_parts, pretrained_parts
+from unilip.presets import Parts, Sources, build_parts, dit_kwargs, dit_pos_embed_of, pretrained_parts
 from unilip.prompts import IMAGE, NULL_EDIT, NULL_GENERATION, edit_prompt, generation_prompt
 from unilip.sampler import check_sampling_args, sample
 from unilip.tokenizer import SPECIAL_TOKENS
 
-# v2: the release's prompt templates (v1 models were trained on bare captions)
-FORMAT_VERSION = 2
+# v2: the release's prompt templates (v1 models were trained on bare captions);
+# v3: the model config states the DiT's positional embedding
+FORMAT_VERSION = 3
+READS = (2, 3)
 OWN_PARTS = ("down_proj", "queries", "connector", "caption_projector")
+GENERATOR = ("queries", "connector", "caption_projector", "dit")  # trained against the DiT's positional embedding
 PRETRAINED = ("encoder", "pixel_decoder", "dit")
 MIN_IMAGE_SIDE = 16
 DCAE_SIZE = 512  # DC-AE's space: 512 px <-> a 16x16 latent
@@ -57,6 +64,9 @@ LATENT_SIDE = OUTPUT_SIZE // PATCH_MULTIPLE  # 16: 256 UniLIP tokens, or 512 px 
 class UniLIP(nn.Module):
     def __init__(self, parts: Parts, cfg: ModelConfig, teacher: bool = False):
         super().__init__()
+        if dit_pos_embed_of(parts.dit) != cfg.dit_pos_embed:
+            raise ValueError(f"the DiT was built with positional embedding {dit_pos_embed_of(parts.dit)!r}, "
+                             f"the config says model.dit_pos_embed={cfg.dit_pos_embed!r}")  # fmt: skip
         self.cfg = cfg
         self.sources = parts.sources
         self.tokenizer = parts.tokenizer
@@ -80,7 +90,7 @@ class UniLIP(nn.Module):
                     device: str | torch.device | None = None) -> UniLIP:  # fmt: skip
         """The preset's parts with UniLIP's own around them, all on `device` (`meta`: shapes only)."""
         cfg = cfg or ModelConfig(preset=preset)
-        parts = build_parts(preset, cfg.init, device)
+        parts = build_parts(preset, cfg.init, device, cfg.dit_pos_embed)
         with torch.device(device or "cpu"):
             return cls(parts, cfg, teacher)
 
@@ -174,10 +184,15 @@ class UniLIP(nn.Module):
         return self.pixel_decoder.encode(self.encoder(pixel_values)) * self.sources.unilip_factor
 
     def decode_latent(self, latent: torch.Tensor, size: int) -> torch.Tensor:
+        """A sampled latent -> (B, 3, size, size) images in [-1, 1], fp32: decoded at 512 px,
+        clamped, then resized, as the release's `generate_image` does (a reconstruction
+        resizes the unclamped decode: `reconstruct_tensors`)."""
         if self.latent_space == "dcae":
             dcae = self.pixel_decoder.dcae
-            return resize_images(dcae.decode((latent / dcae.config.scaling_factor).to(dcae.dtype)).sample, size)
-        return self.pixel_decoder.decode(latent / self.sources.unilip_factor, size)
+            images = dcae.decode((latent / dcae.config.scaling_factor).to(dcae.dtype)).sample
+        else:
+            images = self.pixel_decoder.decode(latent / self.sources.unilip_factor)
+        return resize_images(images.float().clamp(-1, 1), size)
 
     def drop_prompts(self, prompts: list[str], editing: bool, rng: random.Random) -> list[str]:
         """Classifier-free guidance training: replace a `cfg_drop_rate` share by the null prompt.
@@ -329,22 +344,25 @@ class UniLIP(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, teacher: bool = False, cfg: ModelConfig | None = None) -> UniLIP:
-        """Load a model directory. `cfg` replaces its saved model config (a next training stage's)."""
+        """Load a model directory. `cfg` replaces its saved model config (a next training
+        stage's), except the DiT's positional embedding once the generator was trained with it."""
         model_dir = Path(model_dir)
         try:
             config = json.loads((model_dir / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{model_dir} is not a UniLIP model directory: {e}") from None
-        if config.get("format") != "unilip" or config.get("version") != FORMAT_VERSION:
+        if config.get("format") != "unilip" or config.get("version") not in READS:
             raise ValueError(f"{model_dir}: unsupported checkpoint format {config.get('format')!r} v{config.get('version')} "
-                             f"(this version reads v{FORMAT_VERSION})")
-        saved = from_dict(ModelConfig, config["model"])
+                             f"(this version reads v{', v'.join(map(str, READS))})")
+        saved = from_dict(ModelConfig, saved_model_config(config, model_dir))
         cfg = cfg or saved
+        if set(config["trained_parts"]) & set(GENERATOR):  # a property of the weights trained with it
+            cfg = replace(cfg, dit_pos_embed=saved.dit_pos_embed)
         sources = Sources(**config["sources"])
         if sources.mllm == "tiny" or saved.init == "random":  # frozen parts: the preset's seeded weights
-            parts = build_parts("tiny" if sources.mllm == "tiny" else saved.preset, saved.init)
+            parts = build_parts("tiny" if sources.mllm == "tiny" else saved.preset, saved.init, None, cfg.dit_pos_embed)
         else:
-            parts = pretrained_parts(sources)
+            parts = pretrained_parts(sources, dit_args=dit_kwargs(cfg.dit_pos_embed))
         model = cls(parts, cfg, teacher)
         model.trained_parts = set(config["trained_parts"])
         model.load_parts(model_dir, config["saved_parts"])
@@ -375,6 +393,18 @@ class UniLIP(nn.Module):
         self.load_parts(recon_dir, names)
         self.trained_parts |= set(names)
         return names
+
+
+def saved_model_config(config: dict, model_dir) -> dict:
+    """A model directory's model config, with the DiT's positional embedding it was trained
+    with: stated (v3), or for a v2 directory the only one it can have been trained with."""
+    model = dict(config["model"])
+    if "dit_pos_embed" not in model:
+        if config["version"] >= 3:
+            raise ConfigError(f"{model_dir}/config.json does not state model.dit_pos_embed (none or sincos), the DiT's "
+                              "positional embedding its weights were trained with; no weight file records it")  # fmt: skip
+        model["dit_pos_embed"] = "sincos" if "converted_from" in config else "none"
+    return model
 
 
 def component_state(part: nn.Module | nn.Parameter) -> dict[str, torch.Tensor]:

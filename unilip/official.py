@@ -18,7 +18,12 @@ module names. The conversion (see `RULES`):
 - the connector gains `model.` and an unused one-row `embed_tokens` (zeros: it takes
   embeddings); the DiT, the DC-AE decoder, the queries and the caption projector are copied;
 - the frozen LLM and its head are not kept: they are the ones of `sources.mllm`
-  (InternVL3-*-hf), which the project loads, as for any model it trains.
+  (InternVL3-*-hf), which the project loads, as for any model it trains. They are checked
+  first to be that LLM's tensors (`check_frozen_llm`), so a release is never paired with
+  another InternVL3;
+- the DiT keeps the 2-D sincos positional embedding it was fine-tuned with
+  (`model.dit_pos_embed: sincos`): the release's pinned diffusers 0.32.2 added it to
+  SANA's DiT whatever its config said, and no weight file records it.
 
 Every source tensor is mapped (name and shape checked against the model the preset builds,
 on the meta device) or listed as deliberately unused; every tensor the model needs is found
@@ -34,6 +39,8 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+import torch
 
 from unilip.config import ModelConfig
 
@@ -79,7 +86,8 @@ RULES: list[tuple[str, str, str]] = [
 ]
 # the fused qkv: one source tensor -> three, split in thirds along rows (q, k, v)
 QKV = (_LAYER + r"attn\.qkv\." + _WB, "encoder", [rf"vision_tower.encoder.layer.\1.attention.{p}_proj.\2" for p in "qkv"])
-UNUSED = [(r"model\.language_model\..+|lm_head\.weight",
+FROZEN_LLM = r"model\.language_model\..+|lm_head\.weight"
+UNUSED = [(FROZEN_LLM,
            "the frozen LLM and its head: the model loads them from sources.mllm, as for every model it trains")]  # fmt: skip
 CREATED = {("connector", "model.embed_tokens.weight"): "zeros: the connector takes embeddings, never token ids"}
 # What a converted model takes from elsewhere (the end-of-conversion report).
@@ -223,11 +231,13 @@ def preset_of(config: dict) -> str:
 
 
 def release_model_config(config: dict, preset: str) -> ModelConfig:
-    """The converted model's config: the release's architecture fields and its sampling
-    (guidance 4.5, 20 DPM-Solver++ steps, shift 3: the release's `generate_image`)."""
+    """The converted model's config: the release's architecture fields, its sampling
+    (guidance 4.5, 20 DPM-Solver++ steps, shift 3: the release's `generate_image`) and the
+    DiT's positional embedding it was trained with (diffusers 0.32.2's sincos)."""
     return ModelConfig(preset=preset, num_queries=int(config.get("n_query", 256)),
                        connector_layers=int(config.get("connect_layer", 6)), condition="both",
-                       guidance_scale=4.5, num_inference_steps=20, solver="dpm", shift=3.0, latent_space="unilip")  # fmt: skip
+                       guidance_scale=4.5, num_inference_steps=20, solver="dpm", shift=3.0, latent_space="unilip",
+                       dit_pos_embed="sincos")  # fmt: skip
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -261,12 +271,12 @@ class Report:
 
 
 def convert_official(src: str, out: str | Path, preset: str | None = None, sources: dict[str, str] | None = None,
-                     log=print) -> Report:  # fmt: skip
+                     check_llm: bool = True, log=print) -> Report:  # fmt: skip
     """Convert a release directory (local, or an s3:// prefix fetched to the local cache)
     into a model directory. `sources` overrides the preset's mllm/dit/dcae (local copies,
-    s3:// mirrors)."""
+    s3:// mirrors). `check_llm`: first check the release's frozen LLM against sources.mllm."""
     from unilip.presets import PRESETS as REGISTRY
-    from unilip.presets import resolve_pretrained
+    from unilip.presets import SOURCES, resolve_pretrained
 
     release = read_release(resolve_pretrained(src))
     preset = preset or preset_of(release.config)
@@ -275,11 +285,98 @@ def convert_official(src: str, out: str | Path, preset: str | None = None, sourc
     cfg = release_model_config(release.config, preset)
     log(f"[convert] {src}: {len(release.shapes)} tensors in {len(set(release.files.values()))} file(s) -> preset {preset}")
     expected = expected_shapes(cfg)
-    return _write(release, plan(release.shapes, expected), expected, cfg, Path(out), sources or {})
+    the_plan = plan(release.shapes, expected)
+    mllm = (sources or {}).get("mllm") or SOURCES[preset].mllm
+    if check_llm:
+        log(f"[convert] checking the release's frozen LLM against sources.mllm = {mllm} (--skip-llm-check to skip)")
+        log(f"[convert] frozen LLM: {check_frozen_llm(release, the_plan, mllm)} tensors equal")
+    return _write(release, the_plan, expected, cfg, Path(out), sources or {})
+
+
+# ------------------------------------------------------------------ the frozen LLM
+
+LLM_KEY = re.compile(FROZEN_LLM)
+VOCAB_ROWS = ("model.language_model.embed_tokens.weight", "lm_head.weight")  # the release adds rows for its tokens
+
+
+def check_frozen_llm(release: Release, the_plan: Plan, mllm: str) -> int:
+    """The release's frozen LLM, tensor by tensor, against the LLM of `mllm` (the source the
+    converted model loads it from): equal at the release's dtype, over the source's
+    vocabulary rows. Fails on the first difference, naming it; returns the tensors compared."""
+    from safetensors import safe_open
+
+    mine = {normalise(k): k for k in the_plan.unused if LLM_KEY.fullmatch(normalise(k))}
+    with source_llm(mllm) as theirs:
+        if absent := sorted(set(theirs) - set(mine)):
+            raise ConversionError(f"{absent[0]}: in sources.mllm ({mllm}) but not in the release "
+                                  f"({len(absent)} such tensors): not the LLM the release was trained with")  # fmt: skip
+        with contextlib.ExitStack() as files:
+            handles = {p: files.enter_context(safe_open(str(p), framework="pt")) for p in set(release.files.values())}
+            for key in sorted(mine):
+                src = mine[key]
+                if key not in theirs:
+                    raise ConversionError(f"{src}: the release's frozen LLM has it, sources.mllm ({mllm}) does not")
+                got, want = handles[release.files[src]].get_tensor(src), theirs[key]()
+                if key in VOCAB_ROWS and got.shape[1:] == want.shape[1:] and got.shape[0] >= want.shape[0]:
+                    got = got[: want.shape[0]]
+                if got.shape != want.shape:
+                    raise ConversionError(f"{src}: shape {list(got.shape)} in the release, {list(want.shape)} in "
+                                          f"sources.mllm ({mllm}): another LLM than the release was trained with")  # fmt: skip
+                want = want.to(got.dtype)
+                if not torch.equal(got, want):
+                    diff = (got.float() - want.float()).abs()
+                    raise ConversionError(
+                        f"{src}: the release's frozen LLM differs from sources.mllm ({mllm}): {int((diff > 0).sum()):,} "
+                        f"of {diff.numel():,} values, by up to {diff.max().item():.3g}; the release was trained with "
+                        "another InternVL3. Name the right one with --mllm, or pass --skip-llm-check"
+                    )
+    return len(mine)
+
+
+@contextlib.contextmanager
+def source_llm(mllm: str):
+    """The frozen LLM tensors of an MLLM source, by normalised key -> a loader of the tensor:
+    the tiny preset's built weights, or the safetensors of a local directory, an s3://
+    prefix (fetched to the cache) or a hub id (through huggingface_hub's cache)."""
+    from safetensors import safe_open
+
+    from unilip.presets import build_parts, resolve_pretrained
+
+    if mllm == "tiny":
+        state = build_parts("tiny").mllm.state_dict()
+        yield {k: (lambda v=v: v) for k, v in state.items() if LLM_KEY.fullmatch(k)}
+        return
+    root = Path(resolve_pretrained(mllm))
+    if not root.is_dir():
+        root = Path(hub_snapshot(mllm))
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"sources.mllm {mllm}: no safetensors weights in {root}")
+    with contextlib.ExitStack() as stack:
+        out = {}
+        for path in files:
+            f = stack.enter_context(safe_open(str(path), framework="pt"))
+            out |= {normalise(k): (lambda f=f, k=k: f.get_tensor(k)) for k in f.keys() if LLM_KEY.fullmatch(normalise(k))}
+        config = json.loads((root / "config.json").read_text()) if (root / "config.json").exists() else {}
+        if config.get("tie_word_embeddings") and "lm_head.weight" not in out and VOCAB_ROWS[0] in out:
+            out["lm_head.weight"] = out[VOCAB_ROWS[0]]  # tied: saved once, as the embeddings
+        yield out
+
+
+def hub_snapshot(repo_id: str) -> str:
+    """A hub repository's weights and configs in huggingface_hub's cache (its token, cache
+    and offline settings apply)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json"])
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise ConversionError(f"sources.mllm {repo_id}: neither a local directory nor a reachable hub repository "
+                              f"({type(e).__name__}: {e}); point --mllm at a local copy, or pass --skip-llm-check") from None
 
 
 def _write(release: Release, the_plan: Plan, expected: dict, cfg: ModelConfig, out: Path, overrides: dict[str, str]) -> Report:
-    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 

@@ -5,7 +5,8 @@
 
 The latent is also the diffusion target in generation stages 2-3 (times unilip_factor).
 The DC-AE decoder upsamples 32x (16x16 -> 512 px); the result is resized to the input size
-(bilinear, in fp32: `unilip.numerics`).
+(bilinear, in fp32: `unilip.numerics`). Sampled images are clamped before that resize
+(`UniLIP.decode_latent`), reconstructions are not: each as the release does.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class PixelDecoder(nn.Module):
         side = int(n**0.5)
         return self.down_proj(feats).transpose(1, 2).reshape(b, -1, side, side)
 
-    def decode(self, latent: torch.Tensor, size: int) -> torch.Tensor:
-        """Latent -> (B, 3, size, size) images in [-1, 1], fp32."""
-        return resize_images(self.dcae.decode(latent.to(self.dcae.dtype)).sample, size)
+    def decode(self, latent: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """Latent -> (B, 3, size, size) images in [-1, 1] (unclamped), fp32; `size` None:
+        the decoder's own 32x (512 px for 256 tokens)."""
+        images = self.dcae.decode(latent.to(self.dcae.dtype)).sample
+        return images.float() if size is None else resize_images(images, size)

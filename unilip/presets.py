@@ -3,6 +3,7 @@
     parts = build_parts("tiny")          # random weights, small configs, seconds on CPU
     parts = build_parts("unilip-1b")     # InternVL3-1B + SANA 600M + DC-AE (from_pretrained)
     parts = build_parts("unilip-1b", init="random", device="meta")   # real size, no download
+    parts = build_parts("unilip-1b", dit_pos_embed="sincos")         # the DiT as the release trained it
 
 Every part is a real `transformers`/`diffusers` class: the MLLM is
 `InternVLForConditionalGeneration` (InternViT + projector + Qwen2), the pixel decoder's
@@ -12,6 +13,9 @@ point into a local cache); nothing is downloaded in tests. With `init="random"` 
 preset is built from its published architecture (`unilip.real_configs`) with random
 weights (seeded, as the tiny preset's), on any device, `meta` included, and the tiny
 tokenizer widened to InternVL3's vocabulary and special-token ids.
+
+Every build takes the DiT's positional embedding (`model.dit_pos_embed`), which no weight
+file records: the same SANA weights compute something else with and without it.
 """
 
 from __future__ import annotations
@@ -47,8 +51,12 @@ class Parts:
 
 
 INITS = ("pretrained", "random")
+# model.dit_pos_embed -> SanaTransformer2DModel's interpolation_scale. The pinned diffusers
+# adds the 2-D sincos embedding only when the scale is set; 0.32.2 (the release's) turned an
+# unset scale into max(sample_size // 64, 1) = 1 for the 16x16 latent and always added it.
+DIT_POS_EMBED = {"none": None, "sincos": 1}
 ATTENTION = "sdpa"  # every part's attention: torch's fused scaled_dot_product_attention (flash / memory-efficient on CUDA)
-PRESETS: dict[str, Callable[..., Parts]] = {}  # name -> factory(init, device)
+PRESETS: dict[str, Callable[..., Parts]] = {}  # name -> factory(init, device, dit_args from `dit_kwargs`)
 SOURCES: dict[str, Sources] = {}  # name -> where its parts come from
 
 
@@ -60,14 +68,28 @@ def register(name: str):
     return wrap
 
 
-def build_parts(name: str, init: str = "pretrained", device: str | torch.device | None = None) -> Parts:
+def build_parts(name: str, init: str = "pretrained", device: str | torch.device | None = None,
+                dit_pos_embed: str = "none") -> Parts:  # fmt: skip
     """A preset's parts: `init` "pretrained" (the default; the tiny preset has no other
-    weights than its seeded random ones) or "random"; built on `device` (default CPU)."""
+    weights than its seeded random ones) or "random"; built on `device` (default CPU), the
+    DiT with the positional embedding `dit_pos_embed` ("none" or "sincos")."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; available: {', '.join(sorted(PRESETS))}")
     if init not in INITS:
         raise ValueError(f"model.init must be one of {', '.join(INITS)}, got {init!r}")
-    return PRESETS[name](init, device)
+    return PRESETS[name](init, device, dit_kwargs(dit_pos_embed))
+
+
+def dit_kwargs(dit_pos_embed: str) -> dict:
+    """The SanaTransformer2DModel arguments that give it `dit_pos_embed`."""
+    if dit_pos_embed not in DIT_POS_EMBED:
+        raise ValueError(f"model.dit_pos_embed must be one of {', '.join(DIT_POS_EMBED)}, got {dit_pos_embed!r}")
+    return {"interpolation_scale": DIT_POS_EMBED[dit_pos_embed]}
+
+
+def dit_pos_embed_of(dit: torch.nn.Module) -> str:
+    """The positional embedding a built SANA DiT adds: "none" or "sincos"."""
+    return "none" if dit.patch_embed.pos_embed is None else "sincos"
 
 
 @contextlib.contextmanager
@@ -87,7 +109,7 @@ SOURCES["tiny"] = Sources(mllm="tiny", dit="tiny", dcae="tiny", unilip_factor=1.
 
 
 @register("tiny")
-def tiny(init: str = "pretrained", device=None) -> Parts:
+def tiny(init: str = "pretrained", device=None, dit_args: dict | None = None) -> Parts:
     """Small configs of the real classes, random weights (deterministic), the tokenizer fixture."""
     from diffusers import AutoencoderDC, SanaTransformer2DModel
     from transformers import InternVLConfig, InternVLForConditionalGeneration
@@ -122,7 +144,7 @@ def tiny(init: str = "pretrained", device=None) -> Parts:
         dit = SanaTransformer2DModel(
             in_channels=32, out_channels=32, num_attention_heads=2, attention_head_dim=16, num_layers=2,
             num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32,
-            caption_channels=48, sample_size=16, patch_size=1,
+            caption_channels=48, sample_size=16, patch_size=1, **(dit_args or {}),
         )  # fmt: skip
     mllm.eval(), dcae.eval(), dit.eval()
     return Parts(mllm, tokenizer, dcae, dit, SOURCES["tiny"])
@@ -151,8 +173,9 @@ def resolve_pretrained(source: str, cache_dir: str | Path | None = None) -> str:
     return str(root)
 
 
-def pretrained_parts(sources: Sources, dtype=torch.float32) -> Parts:
-    """Load every part from its source (hub id, local directory or s3:// prefix)."""
+def pretrained_parts(sources: Sources, dtype=torch.float32, dit_args: dict | None = None) -> Parts:
+    """Load every part from its source (hub id, local directory or s3:// prefix); `dit_args`
+    override the DiT's saved config (`dit_kwargs`)."""
     from diffusers import AutoencoderDC, SanaTransformer2DModel
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
@@ -161,7 +184,8 @@ def pretrained_parts(sources: Sources, dtype=torch.float32) -> Parts:
         mllm=InternVLForConditionalGeneration.from_pretrained(mllm_path, dtype=dtype, attn_implementation=ATTENTION).eval(),
         tokenizer=AutoTokenizer.from_pretrained(mllm_path),
         dcae=AutoencoderDC.from_pretrained(resolve_pretrained(sources.dcae), torch_dtype=dtype).eval(),
-        dit=SanaTransformer2DModel.from_pretrained(resolve_pretrained(sources.dit), subfolder="transformer", torch_dtype=dtype).eval(),
+        dit=SanaTransformer2DModel.from_pretrained(resolve_pretrained(sources.dit), subfolder="transformer", torch_dtype=dtype,
+                                                    **(dit_args or {})).eval(),
         sources=sources,
     )
 
@@ -189,10 +213,10 @@ def random_parts(sources: Sources, mllm: dict, dit: dict, device=None) -> Parts:
 
 
 def _real(name: str, sources: Sources, mllm: dict, dit: dict) -> None:
-    def build(init: str = "pretrained", device=None) -> Parts:
+    def build(init: str = "pretrained", device=None, dit_args: dict | None = None) -> Parts:
         if init == "random":
-            return random_parts(sources, mllm, dit, device)
-        parts = pretrained_parts(sources)
+            return random_parts(sources, mllm, dit | (dit_args or {}), device)
+        parts = pretrained_parts(sources, dit_args=dit_args)
         if device is not None:
             parts.mllm, parts.dcae, parts.dit = parts.mllm.to(device), parts.dcae.to(device), parts.dit.to(device)
         return parts

@@ -14,6 +14,9 @@ the classes' defaults and matter:
 - InternViT's published `initializer_range` is 1e-10, a vision tower of zeros when
   initialised at random: random builds use 0.02 (`random_init`);
 - DC-AE needs its block types spelled out (the defaults give 352 M parameters).
+SANA's published `interpolation_scale: None` means no positional embedding in the pinned
+diffusers (0.32.2 added one anyway): every build overrides it from `model.dit_pos_embed`
+(`unilip.presets.dit_kwargs`).
 """
 
 from __future__ import annotations

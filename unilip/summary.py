@@ -1,7 +1,7 @@
 """Parameter counts of a preset, per component, built on the meta device: no weights, no
 download, seconds even at real size.
 
-    unilip model summary --preset unilip-1b
+    unilip model summary --preset unilip-1b [--set dit_pos_embed=sincos]
     rows = parameter_summary("unilip-3b")
 """
 
@@ -20,15 +20,16 @@ def count(*modules: nn.Module | nn.Parameter) -> int:
     return sum(seen.values())
 
 
-def parameter_summary(preset: str) -> list[tuple[str, int]]:
+def parameter_summary(preset: str, dit_pos_embed: str = "none") -> list[tuple[str, int]]:
     """(name, parameters) rows: the parts as published (MLLM, DiT, DC-AE), then UniLIP's
-    components (what recipes train and freeze) and the model's total."""
+    components (what recipes train and freeze) and the model's total. The DiT's positional
+    embedding is a buffer: it changes what the DiT computes, not the counts."""
     from unilip.config import ModelConfig
     from unilip.model import UniLIP
     from unilip.presets import build_parts
 
     with torch.device("meta"):
-        parts = build_parts(preset, init="random", device="meta")
+        parts = build_parts(preset, init="random", device="meta", dit_pos_embed=dit_pos_embed)
         mllm = parts.mllm.model
         rows = [
             ("mllm (InternVL3)", count(parts.mllm)),
@@ -41,14 +42,14 @@ def parameter_summary(preset: str) -> list[tuple[str, int]]:
             ("  encoder (unused by UniLIP)", count(parts.dcae.encoder)),
             ("  decoder", count(parts.dcae.decoder)),
         ]  # fmt: skip
-        model = UniLIP(parts, ModelConfig(preset=preset, init="random"), teacher=False)
+        model = UniLIP(parts, ModelConfig(preset=preset, init="random", dit_pos_embed=dit_pos_embed), teacher=False)
     rows += [(f"component {name}", count(part)) for name, part in model.components().items()]
     rows.append(("unilip total", count(model)))
     return rows
 
 
-def format_summary(preset: str, rows: list[tuple[str, int]]) -> str:
+def format_summary(preset: str, rows: list[tuple[str, int]], dit_pos_embed: str = "none") -> str:
     width = max(len(name) for name, _ in rows)
-    lines = [f"{preset}: parameters (architecture built on the meta device)"]
+    lines = [f"{preset}: parameters (architecture built on the meta device; DiT positional embedding: {dit_pos_embed})"]
     lines += [f"  {name:<{width}}  {n:>15,}" for name, n in rows]
     return "\n".join(lines)
