@@ -1,17 +1,25 @@
-# The two commands of the README. Each installs the project into .venv on first use
+# The two commands of the README (and `make quick`, `make lint`). Each installs the project into .venv on first use
 # (cluster/env/install.sh; versions from cluster/env/constraints.txt) and skips the
 # install afterwards until one of the install inputs changes.
 VENV ?= .venv
 PYTEST_ARGS ?=
 INSTALL_INPUTS := pyproject.toml cluster/env/install.sh cluster/env/constraints.txt cluster/env/torchvision_compat.py
 
-.PHONY: demo test install clean
+.PHONY: demo test quick lint install clean
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/unilip demo
 
-test: $(VENV)/.installed-test
+test: lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The tests that start no service (Ray, S3, MLflow, Serve): a change checked in minutes.
+quick: lint
+	$(VENV)/bin/python -m pytest -m "not stack" $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 install: $(VENV)/.installed
 

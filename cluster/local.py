@@ -34,10 +34,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from unilip.errors import UserError
+
 SERVICES = ("s3", "mlflow", "ray")  # start order: each may need the ones before it
 DEFAULT_BUCKET = "unilip"
 LOCAL_CREDENTIAL = "unilip-local"  # moto accepts any key; never a real one
 HOST = "127.0.0.1"
+# the ports a Ray node listens on (`ray start --NAME-port`), each a free one on HOST
+NODE_PORTS = (
+    "node-manager",
+    "object-manager",
+    "metrics-export",
+    "dashboard-agent-listen",
+    "dashboard-agent-grpc",
+    "runtime-env-agent",
+)
+HEAD_PORTS = ("dashboard", *NODE_PORTS, "ray-client-server")  # the head's own services too
 # SIGTERM grace before SIGKILL. Ray's processes wait on each other for a long time when
 # signalled together (`ray stop` allows 16 s); the local Ray holds nothing worth keeping.
 STOP_GRACE_S = {"s3": 5.0, "mlflow": 10.0, "ray": 2.0}
@@ -51,10 +63,14 @@ RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENAB
 # starts about ten actor processes at once (controller, workers, dataset coordinators,
 # counters): Ray's default startup concurrency, the CPU count, warns about that on every
 # stage of a 2-CPU machine; 4 at a time (no slower, measured) is what this stack expects.
-RAY_HEAD_ENV = {**RAY_LOCAL_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_worker_maximum_startup_concurrency": "4"}
+RAY_HEAD_ENV = {
+    **RAY_LOCAL_ENV,
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_worker_maximum_startup_concurrency": "4",
+}
 
 
-class StackError(RuntimeError):
+class StackError(UserError):
     pass
 
 
@@ -315,11 +331,19 @@ class LocalStack:
         else:
             dest = str(self.home / "mlartifacts")
         cmd = [
-            _bin("mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}",
-            "--artifacts-destination", dest,
-            "--host", HOST, "--port", str(port), "--workers", "1",
-        ]  # fmt: skip
+            _bin("mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.home / 'mlflow.db'}",
+            "--artifacts-destination",
+            dest,
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ]
         # Job execution (huey workers for MLflow's GenAI jobs) is of no use here: 8 fewer processes.
         pid, log = self._spawn("mlflow", cmd, {**self.env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         svc = Service("mlflow", pid, port, log)
@@ -334,19 +358,25 @@ class LocalStack:
         # Ray's unix sockets live under its temp dir and must stay under ~107 chars: keep it short.
         temp = tempfile.mkdtemp(prefix="unilip-ray-", dir="/tmp")
         gcs = old.port if old and _port_free(old.port) else free_port()
-        ports = {
-            name: free_port()
-            for name in (
-                "dashboard", "node-manager", "object-manager", "metrics-export",
-                "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "ray-client-server",
-            )
-        }  # fmt: skip
+        ports = {name: free_port() for name in HEAD_PORTS}
         cmd = [
-            _bin("ray"), "start", "--head", "--block", "--disable-usage-stats",
-            "--node-ip-address", HOST, "--port", str(gcs), "--dashboard-host", HOST,
-            "--include-dashboard", "true", "--temp-dir", temp,
+            _bin("ray"),
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address",
+            HOST,
+            "--port",
+            str(gcs),
+            "--dashboard-host",
+            HOST,
+            "--include-dashboard",
+            "true",
+            "--temp-dir",
+            temp,
             *[arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))],
-        ]  # fmt: skip
+        ]
         if self.num_cpus:
             cmd += ["--num-cpus", str(self.num_cpus)]
         pid, log = self._spawn("ray", cmd, self._ray_process_env())
@@ -366,13 +396,20 @@ class LocalStack:
         head = state["services"].get("ray")
         if head is None:
             raise StackError("add_node needs the stack's Ray head: start the ray service first")
-        ports = {n: free_port() for n in ("node-manager", "object-manager", "metrics-export", "dashboard-agent-listen",
-                                          "dashboard-agent-grpc", "runtime-env-agent")}  # fmt: skip
+        ports = {name: free_port() for name in NODE_PORTS}
         cmd = [
-            _bin("ray"), "start", "--address", head.address, "--block", "--disable-usage-stats",
-            "--node-ip-address", HOST, "--num-cpus", str(num_cpus),
+            _bin("ray"),
+            "start",
+            "--address",
+            head.address,
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address",
+            HOST,
+            "--num-cpus",
+            str(num_cpus),
             *[arg for port_name, port in ports.items() for arg in (f"--{port_name}-port", str(port))],
-        ]  # fmt: skip
+        ]
         if resources:
             cmd += ["--resources", json.dumps(resources)]
         pid, log = self._spawn(name, cmd, self._ray_process_env())

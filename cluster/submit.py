@@ -4,7 +4,7 @@
     unilip jobs list --address http://HEAD:8265
     unilip jobs status|logs|stop JOB_ID --address http://HEAD:8265     # logs --follow streams
 
-The job runs `python -m unilip.cli train ...` on the cluster with this checkout as its
+The job runs `python -m cli train ...` on the cluster with this checkout as its
 working directory (uploaded by Ray), so the cluster runs exactly the code you submit. The
 endpoints of S3 and MLflow are passed in the job's runtime_env from your environment;
 credentials are not (they would be stored with the job and shown on the dashboard): the
@@ -19,26 +19,34 @@ import sys
 import time
 from pathlib import Path
 
+from unilip.errors import UserError
+
 ROOT = Path(__file__).resolve().parents[1]
 # Where the job finds storage and tracking: endpoints and names, never keys or passwords.
 FORWARDED_ENV = (
-    "UNILIP_BUCKET", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-    "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_EXPERIMENT_NAME",
-)  # fmt: skip
+    "UNILIP_BUCKET",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_EXPERIMENT_NAME",
+)
 EXCLUDES = [".venv", ".git", "demo-results", "__pycache__", ".pytest_cache", "*.egg-info"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError):
     """The cluster cannot be reached or refused a request."""
 
 
 def dashboard_address(address: str | None) -> str:
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS")
     if not address:
-        raise ValueError("give --address http://HEAD:8265 (the Ray dashboard) or set RAY_API_SERVER_ADDRESS")
+        raise ClusterError("give --address http://HEAD:8265 (the Ray dashboard) or set RAY_API_SERVER_ADDRESS")
     if not address.startswith(("http://", "https://")):
-        raise ValueError(f"--address must be the dashboard's http(s):// URL, e.g. http://HEAD:8265; got {address!r}")
+        raise ClusterError(f"--address must be the dashboard's http(s):// URL, e.g. http://HEAD:8265; got {address!r}")
     return address
 
 
@@ -61,7 +69,7 @@ def _call(what: str, fn, *args):
 
 def train_entrypoint(recipe: str, train_args: list[str]) -> str:
     # `python -m` from the uploaded working directory: the submitted code, not an installed copy
-    return shlex.join(["python", "-m", "unilip.cli", "train", recipe, *train_args])
+    return shlex.join(["python", "-m", "cli", "train", recipe, *train_args])
 
 
 def runtime_env(extra_env: list[str]) -> dict:
@@ -69,7 +77,7 @@ def runtime_env(extra_env: list[str]) -> dict:
     for item in extra_env:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--env takes KEY=VALUE, got {item!r}")
+            raise ClusterError(f"--env takes KEY=VALUE, got {item!r}")
         env[key] = value
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # `unilip train` passes its environment on to its workers in its own ray.init runtime_env:
@@ -78,16 +86,20 @@ def runtime_env(extra_env: list[str]) -> dict:
     return {"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env}
 
 
-def submit(recipe: str, train_args: list[str], address: str | None, extra_env: list[str] = (), job_id: str | None = None) -> str:
-    from jobs.recipes import load_recipe
-
-    if recipe != "all":
-        load_recipe(recipe)  # an unknown recipe fails here, not minutes later on the cluster
+def submit(
+    recipe: str, train_args: list[str], address: str | None, extra_env: list[str] = (), job_id: str | None = None
+) -> str:
     c = client(address)
     entrypoint = train_entrypoint(recipe, train_args)
-    return _call("submitting the job", lambda: c.submit_job(
-        entrypoint=entrypoint, runtime_env=runtime_env(list(extra_env)), submission_id=job_id,
-        metadata={"recipe": recipe, "submitted_by": "unilip submit"}))  # fmt: skip
+    return _call(
+        "submitting the job",
+        lambda: c.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env(list(extra_env)),
+            submission_id=job_id,
+            metadata={"recipe": recipe, "submitted_by": "unilip submit"},
+        ),
+    )
 
 
 def follow(address: str | None, job_id: str, out=sys.stdout) -> str:
@@ -112,11 +124,17 @@ def list_jobs(address: str | None) -> list[dict]:
     c = client(address)
     rows = []
     for job in _call("listing jobs", c.list_jobs):
-        rows.append({
-            "id": job.submission_id or job.job_id, "status": str(job.status),
-            "start": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else "",
-            "recipe": (job.metadata or {}).get("recipe", ""), "entrypoint": job.entrypoint,
-        })  # fmt: skip
+        rows.append(
+            {
+                "id": job.submission_id or job.job_id,
+                "status": str(job.status),
+                "start": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000))
+                if job.start_time
+                else "",
+                "recipe": (job.metadata or {}).get("recipe", ""),
+                "entrypoint": job.entrypoint,
+            }
+        )
     return sorted(rows, key=lambda r: r["start"])
 
 

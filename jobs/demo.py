@@ -28,6 +28,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from unilip.errors import UserError
+
 STAGES = ("recon-stage1", "recon-stage2", "gen-stage1", "gen-stage2", "gen-stage3")
 PROMPT = "a tabby cat with green eyes looking into the camera"
 EDIT = "make it black and white"
@@ -39,18 +41,20 @@ def check_stages(stages: tuple[str, ...]) -> None:
     """Stages in training order, from the first (the only one that starts from the preset:
     every later stage needs an export, as the generator needs the trained encoder), ending
     with one that generates (it is what gets served)."""
-    from jobs.recipes import chain, load_recipe
+    from jobs.training.recipes import chain, load_recipe
 
     order = chain()
     unknown = [s for s in stages if s not in order]
     if unknown or not stages:
-        raise ValueError(f"--stages takes recipes from: {', '.join(order)}; got {', '.join(unknown) or 'none'}")
+        raise UserError(f"--stages takes recipes from: {', '.join(order)}; got {', '.join(unknown) or 'none'}")
     if list(stages) != sorted(stages, key=order.index) or len(set(stages)) != len(stages):
-        raise ValueError(f"--stages must be in training order ({' -> '.join(order)})")
+        raise UserError(f"--stages must be in training order ({' -> '.join(order)})")
     if stages[0] != order[0]:
-        raise ValueError(f"--stages must start with {order[0]}: {stages[0]} starts from {load_recipe(stages[0]).after}'s export")
+        raise UserError(
+            f"--stages must start with {order[0]}: {stages[0]} starts from {load_recipe(stages[0]).after}'s export"
+        )
     if load_recipe(stages[-1]).kind != "generation":
-        raise ValueError("--stages must end with a generation stage: the served model generates and edits")
+        raise UserError("--stages must end with a generation stage: the served model generates and edits")
 
 
 def _step(n: int, text: str) -> None:
@@ -59,12 +63,15 @@ def _step(n: int, text: str) -> None:
 
 # What each kind of stage learns: reconstruction error (the adversarial term of stage 2 is
 # a game value that need not fall), and the flow-matching loss.
-CURVES = {"reconstruction": (("train/mse", "train/lpips"), "MSE + LPIPS"), "generation": (("train/loss",), "flow-matching loss")}
+CURVES = {
+    "reconstruction": (("train/mse", "train/lpips"), "MSE + LPIPS"),
+    "generation": (("train/loss",), "flow-matching loss"),
+}
 
 
 def stage_curves(stages: tuple[str, ...]) -> dict[str, tuple[tuple[str, ...], str]]:
     """Per stage, the metrics summed into its learning curve and the curve's name (CURVES)."""
-    from jobs.recipes import load_recipe
+    from jobs.training.recipes import load_recipe
 
     return {stage: CURVES[load_recipe(stage).kind] for stage in stages}
 
@@ -140,27 +147,56 @@ def query_endpoints(url: str, photo: Image.Image, out_dir: Path, log=print) -> d
 
     photo_b64 = _png_b64(photo)
     photo.save(out_dir / "input.png")
-    generated = _image(post("/v1/images/generations", json={"prompt": PROMPT, "n": 1, "seed": 0})["data"][0]["b64_json"])
+    generated = _image(
+        post("/v1/images/generations", json={"prompt": PROMPT, "n": 1, "seed": 0})["data"][0]["b64_json"]
+    )
     generated.save(out_dir / "generated.png")
-    edit = post("/v1/images/edits", files={"image": ("input.png", base64.b64decode(photo_b64), "image/png")},
-                data={"prompt": EDIT, "n": "1", "seed": "0"})  # fmt: skip
+    edit = post(
+        "/v1/images/edits",
+        files={"image": ("input.png", base64.b64decode(photo_b64), "image/png")},
+        data={"prompt": EDIT, "n": "1", "seed": "0"},
+    )
     edited = _image(edit["data"][0]["b64_json"])
     edited.save(out_dir / "edited.png")
     recon = _image(post("/v1/reconstructions", json={"image": photo_b64})["data"][0]["b64_json"])
     image_grid([[photo, recon]], cell=448).save(out_dir / "reconstruction.png")
-    chat = post("/v1/chat/completions", json={"model": "unilip", "max_tokens": 24, "messages": [{"role": "user", "content": [
-        {"type": "text", "text": QUESTION}, {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{photo_b64}"}}]}]})  # fmt: skip
+    chat = post(
+        "/v1/chat/completions",
+        json={
+            "model": "unilip",
+            "max_tokens": 24,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": QUESTION},
+                        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{photo_b64}"}},
+                    ],
+                }
+            ],
+        },
+    )
     answer = chat["choices"][0]["message"]["content"]
     (out_dir / "understanding.json").write_text(json.dumps({"question": QUESTION, "answer": answer}, indent=2))
     psnr = reconstruction_psnr(photo, recon)
     picture = out_dir / "demo.png"
-    grid = captioned_row([(photo, "input"), (recon, f"reconstruction, {psnr:.1f} dB"), (generated, f"generated: {PROMPT}"),
-                          (edited, f"edited: {EDIT}")])  # fmt: skip
+    grid = captioned_row(
+        [
+            (photo, "input"),
+            (recon, f"reconstruction, {psnr:.1f} dB"),
+            (generated, f"generated: {PROMPT}"),
+            (edited, f"edited: {EDIT}"),
+        ]
+    )
     grid.save(picture)
     return {
         "generated": {"prompt": PROMPT, "path": str(out_dir / "generated.png"), "size": list(generated.size)},
         "edited": {"instruction": EDIT, "path": str(out_dir / "edited.png"), "size": list(edited.size)},
-        "reconstruction": {"path": str(out_dir / "reconstruction.png"), "size": list(recon.size), "psnr_db": round(psnr, 2)},
+        "reconstruction": {
+            "path": str(out_dir / "reconstruction.png"),
+            "size": list(recon.size),
+            "psnr_db": round(psnr, 2),
+        },
         "understanding": {"question": QUESTION, "answer": answer, "path": str(out_dir / "understanding.json")},
         "picture": {"path": str(picture), "size": list(grid.size)},
     }
@@ -170,7 +206,7 @@ def reconstruction_psnr(photo: Image.Image, recon: Image.Image) -> float:
     """PSNR (dB) of a reconstruction against its input as the model saw it (squashed to its size)."""
     import numpy as np
 
-    from jobs.evaluate import psnr_ssim
+    from jobs.evaluation.metrics import psnr_ssim
 
     seen = photo.convert("RGB").resize(recon.size, Image.Resampling.BICUBIC)
     return psnr_ssim(np.asarray(seen)[None], np.asarray(recon)[None])[0]
@@ -193,12 +229,24 @@ def captioned_row(cells: list[tuple[Image.Image, str]], cell: int = 448) -> Imag
     return out
 
 
-def run_demo(steps: int = 30, n_gen: int = 64, n_edit: int = 32, size: int = 512, results: str = "demo-results",
-             lr: float = 1e-3, workers: int = 2, stages: tuple[str, ...] = STAGES, verbose: bool = False) -> dict:  # fmt: skip
+def run_demo(
+    steps: int = 30,
+    n_gen: int = 64,
+    n_edit: int = 32,
+    size: int = 512,
+    results: str = "demo-results",
+    lr: float = 1e-3,
+    workers: int = 2,
+    stages: tuple[str, ...] = STAGES,
+    verbose: bool = False,
+) -> dict:
+    if steps < 2:
+        raise UserError("--steps must be at least 2 (a loss trend needs two points)")
     check_stages(stages)  # before the heavy imports: a bad --stages fails at once
     from cluster.local import LocalStack
-    from jobs.train import EXPERIMENT, run_stage
     from jobs.tracking import find_run
+    from jobs.training.run import Launch
+    from jobs.training.train import EXPERIMENT, run_stage
     from pipelines.sample_data import build_sample_dataset, load_photo
     from serve.app import ServeProcess
 
@@ -214,23 +262,38 @@ def run_demo(steps: int = 30, n_gen: int = 64, n_edit: int = 32, size: int = 512
 
         _step(2, f"writing {n_gen} generation + {n_edit} editing samples to {data_uri} (webdataset shards)")
         t0 = time.monotonic()
-        written = build_sample_dataset(data_uri, s3, n_gen, n_edit, size=size, shard_size=max(8, (n_gen + n_edit) // 8),
-                                       log=lambda m: None)  # fmt: skip
+        written = build_sample_dataset(
+            data_uri, s3, n_gen, n_edit, size=size, shard_size=max(8, (n_gen + n_edit) // 8), log=lambda m: None
+        )
         build_sample_dataset(f"{data_uri}-eval", s3, 4, 0, seed=1, shard_size=4, size=size, log=lambda m: None)
         timings["data_s"] = time.monotonic() - t0
-        print(f"   {', '.join(f'{m.samples} {task} samples in {len(m.shards)} shards' for task, m in written.items())}, "
-              f"and 4 held-out samples for evaluation, in {timings['data_s']:.1f}s")  # fmt: skip
+        print(
+            f"   {', '.join(f'{m.samples} {task} samples in {len(m.shards)} shards' for task, m in written.items())}, "
+            f"and 4 held-out samples for evaluation, in {timings['data_s']:.1f}s"
+        )
 
-        _step(3, f"training {' -> '.join(stages)} (tiny preset, {workers} Ray Train workers, DeepSpeed, {steps} steps each)")
-        overrides = [f"train.steps={steps}", f"train.lr={lr}", f"train.min_lr={lr / 10}", "train.warmup_steps=2",
-                     f"train.checkpoint_every={steps}", f"train.eval_every={steps}", "train.log_every=1"]  # fmt: skip
+        _step(
+            3,
+            f"training {' -> '.join(stages)} (tiny preset, {workers} Ray Train workers, DeepSpeed, {steps} steps each)",
+        )
+        overrides = [
+            f"train.steps={steps}",
+            f"train.lr={lr}",
+            f"train.min_lr={lr / 10}",
+            "train.warmup_steps=2",
+            f"train.checkpoint_every={steps}",
+            f"train.eval_every={steps}",
+            "train.log_every=1",
+        ]
         uri, models, run_ids = None, {}, {}
         t0 = time.monotonic()
         for i, name in enumerate(stages, 1):
             print(f"\n   -- stage {i}/{len(stages)}: {name}", flush=True)
             # the adversarial loss from half-way, as in the paper's stage 2 (200k of 400k steps)
             extra = [f"loss.gan_start_step={steps // 2}"] if name == "recon-stage2" else []
-            uri = run_stage(name, "tiny", workers, False, overrides + extra, init_from=uri, run_name=f"demo-{name}", quiet=not verbose)
+            uri = run_stage(
+                name, Launch("tiny", workers, overrides=overrides + extra), uri, f"demo-{name}", quiet=not verbose
+            )
             models[name] = uri
             run_ids[name] = find_run(EXPERIMENT, f"demo-{name}").info.run_id
         timings["train_s"] = time.monotonic() - t0
@@ -245,9 +308,16 @@ def run_demo(steps: int = 30, n_gen: int = 64, n_edit: int = 32, size: int = 512
         for name, points in histories.items():
             first, last = loss_trend([v for _, v in points])
             label = curves[name][1]
-            losses[name] = {"curve": label, "first_quarter_mean": first, "last_quarter_mean": last, "steps": len(points)}
-            print(f"   {name:<16} {label:<18} {first:.4f} -> {last:.4f} "
-                  f"(mean of the first and last quarter: {'falling' if last < first else 'NOT falling'})")  # fmt: skip
+            losses[name] = {
+                "curve": label,
+                "first_quarter_mean": first,
+                "last_quarter_mean": last,
+                "steps": len(points),
+            }
+            print(
+                f"   {name:<16} {label:<18} {first:.4f} -> {last:.4f} "
+                f"(mean of the first and last quarter: {'falling' if last < first else 'NOT falling'})"
+            )
 
         _step(5, f"deploying the Serve application with {uri} from the MLflow registry")
         t0 = time.monotonic()
@@ -270,8 +340,10 @@ def run_demo(steps: int = 30, n_gen: int = 64, n_edit: int = 32, size: int = 512
         "data_uri": data_uri,
         "stages": {name: {"mlflow_run_id": run_ids[name], "model": models[name], **losses[name]} for name in stages},
         "served_model": uri,
-        "endpoints": {path: f"{url}{path}" for path in
-                      ("/v1/images/generations", "/v1/images/edits", "/v1/reconstructions", "/v1/chat/completions")},  # fmt: skip
+        "endpoints": {
+            path: f"{url}{path}"
+            for path in ("/v1/images/generations", "/v1/images/edits", "/v1/reconstructions", "/v1/chat/completions")
+        },
         "responses": responses,
         "reconstruction_psnr_db": {"served_photo": responses["reconstruction"]["psnr_db"], **heldout},
         "loss_curves": str(loss_png),
@@ -285,8 +357,10 @@ def run_demo(steps: int = 30, n_gen: int = 64, n_edit: int = 32, size: int = 512
     for key in ("generated", "edited", "reconstruction"):
         print(f"   {key + ':':<15} {responses[key]['path']}")
     print(f"   understanding:  {responses['understanding']['answer']!r} ({responses['understanding']['path']})")
-    print(f"   PSNR:           {responses['reconstruction']['psnr_db']:.1f} dB, the served photo's reconstruction"
-          + "".join(f", {v:.1f} dB on the held-out samples after {k}" for k, v in heldout.items()))  # fmt: skip
+    print(
+        f"   PSNR:           {responses['reconstruction']['psnr_db']:.1f} dB, the served photo's reconstruction"
+        + "".join(f", {v:.1f} dB on the held-out samples after {k}" for k, v in heldout.items())
+    )
     print(f"   loss curves:    {loss_png}")
     for name in stages:
         print(f"   MLflow run:     {run_ids[name]}  {name} -> {models[name]}")
@@ -302,7 +376,7 @@ def heldout_psnr(run_ids: dict[str, str], stages: tuple[str, ...]) -> dict[str, 
     """Per reconstruction stage, the PSNR of its last evaluation on the held-out samples (MLflow)."""
     import mlflow
 
-    from jobs.recipes import load_recipe
+    from jobs.training.recipes import load_recipe
 
     client = mlflow.MlflowClient()
     out = {}

@@ -33,8 +33,9 @@ class Tracker:
         if run_id is None:  # restarted before the first checkpoint: continue the run of that name
             found = find_run(experiment, run_name)
             run_id = found.info.run_id if found else None
-        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags={RUN_TAG: run_name},
-                                    log_system_metrics=False)  # fmt: skip
+        self.run = mlflow.start_run(
+            run_id=run_id, run_name=None if run_id else run_name, tags={RUN_TAG: run_name}, log_system_metrics=False
+        )
         self.run_id = self.run.info.run_id
         if run_id is None:
             mlflow.log_params(flatten(params))
@@ -75,8 +76,13 @@ class Tracker:
             client.get_registered_model(name)
         except self.mlflow.exceptions.MlflowException:
             client.create_registered_model(name, description="UniLIP model directories exported by `unilip train`")
-        version = client.create_model_version(name, f"{self.run.info.artifact_uri}/model", run_id=self.run_id,
-                                              tags=lineage, description=lineage.get("summary"))  # fmt: skip
+        version = client.create_model_version(
+            name,
+            f"{self.run.info.artifact_uri}/model",
+            run_id=self.run_id,
+            tags=lineage,
+            description=lineage.get("summary"),
+        )
         self.mlflow.set_tag("unilip.registered", f"models:/{name}/{version.version}")
         return f"models:/{name}/{version.version}"
 
@@ -95,8 +101,9 @@ def find_run(experiment: str, run_name: str):
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    found = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'",
-                               max_results=1, output_format="list")  # fmt: skip
+    found = mlflow.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1, output_format="list"
+    )
     return found[0] if found else None
 
 
@@ -104,12 +111,28 @@ def latest_model(tracking_uri: str | None, name: str) -> str | None:
     """`models:/NAME/VERSION` of the newest registered version, or None."""
     import mlflow
 
-    from unilip.artifacts import newest_version
+    from cluster.registry import newest_version
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     version = newest_version(name)
     return None if version is None else f"models:/{name}/{version}"
+
+
+def register_converted(model_dir: str | Path, name: str, src: str) -> str:
+    """Log a converted model directory (`unilip convert official`) as an MLflow run's
+    artifacts and register it as `name`; returns `models:/NAME/VERSION`."""
+    import json
+    import os
+
+    release = json.loads((Path(model_dir) / "config.json").read_text())["converted_from"]
+    tracker = Tracker(os.environ.get("MLFLOW_TRACKING_URI"), "unilip-convert", f"convert-{name}", None, release)
+    try:
+        return tracker.register(
+            Path(model_dir), name, {"source": src, "summary": f"converted from the release checkpoint {src}"}
+        )
+    finally:
+        tracker.end()
 
 
 def image_grid(rows: list[list], cell: int = 128):
@@ -121,5 +144,3 @@ def image_grid(rows: list[list], cell: int = 128):
         for x, im in enumerate(row):
             grid.paste(im.convert("RGB").resize((cell, cell)), (x * cell, y * cell))
     return grid
-
-

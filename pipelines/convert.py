@@ -36,7 +36,8 @@ from PIL import Image
 
 from pipelines.decode import BadSample, decode_text, open_image
 from pipelines.shards import MANIFEST, Manifest, ShardInfo, ShardWriter, join
-from unilip.s3 import S3Access, is_s3
+from unilip.errors import UserError
+from unilip.s3 import S3Access, S3Error
 
 FORMATS = ("gpt-image-edit", "sharegpt-4o", "wds")
 
@@ -44,20 +45,9 @@ FORMATS = ("gpt-image-edit", "sharegpt-4o", "wds")
 # --------------------------------------------------------------------------- items
 
 
-def _read(s3: S3Access, uri: str) -> bytes:
-    fs, path = s3.resolve(uri)
-    with fs.open_input_file(path) as f:
-        return f.read()
-
-
 def _list(s3: S3Access, uri: str, suffix: str) -> list[str]:
     """Files under a directory or s3:// prefix ending in `suffix`, sorted, as URIs."""
-    from pyarrow import fs as pafs
-
-    fs, root = s3.resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    prefix = "s3://" if is_s3(uri) else ""
-    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    return [u for u in s3.list_files(uri) if u.endswith(suffix)]
 
 
 def _key(*parts) -> str:
@@ -67,14 +57,16 @@ def _key(*parts) -> str:
 def gpt_image_edit_items(src: str, s3: S3Access):
     """(annotation file, items) per file: items are (key, task, {member: uri | text})."""
     for ann in _list(s3, src, ".json"):
-        data = json.loads(_read(s3, ann))
+        data = json.loads(s3.read_bytes(ann))
         items, skipped = [], Counter()
         for i, item in enumerate(data):
             images = item.get("image") or []
             if len(images) != 2:
                 skipped["not_single_turn"] += 1
                 continue
-            text = " ".join(str((item.get("conversations") or [{}])[0].get("value", "")).replace("<image>", " ").split())
+            text = " ".join(
+                str((item.get("conversations") or [{}])[0].get("value", "")).replace("<image>", " ").split()
+            )
             members = {"input.jpg": join(src, images[0]), "output.jpg": join(src, images[-1]), "txt": text}
             items.append((_key(PurePosixPath(ann).stem, i), members))
         yield ann, "editing", items, skipped
@@ -82,7 +74,7 @@ def gpt_image_edit_items(src: str, s3: S3Access):
 
 def sharegpt_4o_items(src: str, s3: S3Access):
     for name, task in (("text_to_image.json", "generation"), ("text_and_image_to_image.json", "editing")):
-        data = json.loads(_read(s3, join(src, name)))
+        data = json.loads(s3.read_bytes(join(src, name)))
         items, skipped = [], Counter()
         for i, item in enumerate(data):
             members = {"txt": str(item.get("input_prompt", "")), "output": join(src, item.get("output_image", ""))}
@@ -121,8 +113,8 @@ def _sample(s3: S3Access, task: str, members: dict) -> dict[str, bytes]:
     for name in ("input.jpg", "output.jpg") if task == "editing" else ("output",):
         missing = "missing_edit_input" if name == "input.jpg" else "missing_image"
         try:
-            data = members[name] if isinstance(members[name], bytes | None) else _read(s3, members[name])
-        except (OSError, KeyError):
+            data = members[name] if isinstance(members[name], bytes | None) else s3.read_bytes(members[name])
+        except (OSError, S3Error, KeyError):
             raise BadSample(missing) from None
         data, ext = _image_member(data, missing, as_jpeg=task == "editing")
         out[name if task == "editing" else ext] = data
@@ -141,7 +133,11 @@ def write_shard(out: str, s3: S3Access, name: str, task: str, items: list) -> di
                 count += 1
             except BadSample as e:
                 skipped[e.reason] += 1
-    record = {"path": writer.manifest.shards[0].path if writer.manifest.shards else None, "samples": count, "skipped": dict(skipped)}
+    record = {
+        "path": writer.manifest.shards[0].path if writer.manifest.shards else None,
+        "samples": count,
+        "skipped": dict(skipped),
+    }
     if record["path"]:
         fs, root = s3.resolve(out)
         with fs.open_output_stream(f"{root}/{record['path']}.json") as f:  # written last: marks the shard complete
@@ -189,15 +185,23 @@ def reshard_tar(out: str, s3: S3Access, src_uri: str, task: str, shard_size: int
 # ---------------------------------------------------------------------------- driver
 
 
-def convert(fmt: str, src: str, out: str, s3: S3Access, shard_size: int = 1000, task: str = "generation",
-            max_in_flight: int | None = None, log=print) -> dict[str, Manifest]:  # fmt: skip
+def convert(
+    fmt: str,
+    src: str,
+    out: str,
+    s3: S3Access,
+    shard_size: int = 1000,
+    task: str = "generation",
+    max_in_flight: int | None = None,
+    log=print,
+) -> dict[str, Manifest]:
     """Convert `src` in layout `fmt` to shards under `out` (see the module doc). Returns manifests."""
     import ray
 
     if fmt not in FORMATS:
-        raise ValueError(f"unknown source format {fmt!r}; known: {', '.join(FORMATS)}")
+        raise UserError(f"unknown source format {fmt!r}; known: {', '.join(FORMATS)}")
     if shard_size < 1:
-        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+        raise UserError(f"--shard-size must be >= 1, got {shard_size}")
     max_in_flight = max_in_flight or max(2, int(ray.cluster_resources().get("CPU", 2)) * 2)
     remote_write = ray.remote(write_shard)
     remote_reshard = ray.remote(reshard_tar)
@@ -244,7 +248,7 @@ def convert(fmt: str, src: str, out: str, s3: S3Access, shard_size: int = 1000, 
     ray.get(pending)
     manifests = {}
     for uri, t in tasks_of.items():
-        records = [json.loads(_read(s3, u)) for u in _list(s3, uri, ".tar.json")]
+        records = [json.loads(s3.read_bytes(u)) for u in _list(s3, uri, ".tar.json")]
         manifest = Manifest(t, [ShardInfo(r["path"], r["samples"]) for r in sorted(records, key=lambda r: r["path"])])
         for r in records:
             skipped.update(r.get("skipped", {}))
@@ -253,5 +257,7 @@ def convert(fmt: str, src: str, out: str, s3: S3Access, shard_size: int = 1000, 
             f.write(manifest.to_json().encode())
         manifests[t] = manifest
         log(f"[convert] {uri}: {manifest.samples} samples in {len(manifest.shards)} shards")
-    log(f"[convert] done in {time.monotonic() - t0:.1f}s; {resumed} shard task(s) already complete; skipped: {dict(skipped) or 'none'}")
+    log(
+        f"[convert] done in {time.monotonic() - t0:.1f}s; {resumed} shard task(s) already complete; skipped: {dict(skipped) or 'none'}"
+    )
     return manifests

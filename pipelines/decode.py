@@ -22,22 +22,30 @@ to a `SkipCounter` actor the trainer reads for logging.
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections import Counter
 
 import numpy as np
 from PIL import Image
 
 from pipelines.order import keyed_rng
+from unilip.config import ConfigError
+from unilip.images import ImageError, read_image
 from unilip.prompts import MAX_CAPTION_CHARS, training_prompt
 
 SKIP_REASONS = (
-    "truncated_tar", "unreadable_shard", "missing_image", "missing_text", "missing_edit_input",
-    "bad_image", "bad_text", "empty_text", "caption_too_long", "image_too_small", "image_too_large",
-)  # fmt: skip
+    "truncated_tar",
+    "unreadable_shard",
+    "missing_image",
+    "missing_text",
+    "missing_edit_input",
+    "bad_image",
+    "bad_text",
+    "empty_text",
+    "caption_too_long",
+    "image_too_small",
+    "image_too_large",
+)
 MIN_SIDE = 32
-MAX_PIXELS = 64 * 1024 * 1024  # larger is a decompression bomb, not a photo
 PREPROCESS = ("random_crop", "center_crop", "squash")
 
 
@@ -58,28 +66,19 @@ def open_image(data: bytes | None, missing: str = "missing_image", draft: int | 
     """Bytes -> an RGB image, with training's checks (`BadSample`: `missing`, image_too_large,
     image_too_small, bad_image). `draft`: a JPEG is decoded at the smallest scale still
     covering draft x draft."""
-    if not data:
-        raise BadSample(missing)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                if w * h > MAX_PIXELS:
-                    raise BadSample("image_too_large")
-                if min(w, h) < MIN_SIDE:
-                    raise BadSample("image_too_small")
-                if draft:
-                    im.draft("RGB", (draft, draft))
-                return im.convert("RGB")
-    except BadSample:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadSample("bad_image") from None
+        return read_image(data, min_side=MIN_SIDE, draft=draft)
+    except ImageError as e:
+        raise BadSample(missing if e.reason == "missing" else e.reason) from None
 
 
-def decode_image(data: bytes | None, resolution: int, preprocess: str = "squash", rng: np.random.Generator | None = None,
-                 missing: str = "missing_image") -> np.ndarray:  # fmt: skip
+def decode_image(
+    data: bytes | None,
+    resolution: int,
+    preprocess: str = "squash",
+    rng: np.random.Generator | None = None,
+    missing: str = "missing_image",
+) -> np.ndarray:
     """Bytes -> (res, res, 3) uint8: draft-mode decode, then the `preprocess` framing
     (random_crop draws its crop and flip from `rng`)."""
     return np.asarray(frame(open_image(data, missing, draft=resolution), resolution, preprocess, rng))
@@ -133,7 +132,9 @@ class SampleDecoder:
         if preprocess not in PREPROCESS:
             raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
         if task == "editing" and preprocess == "random_crop":
-            raise ValueError("editing pairs are squash-resized: a random crop would frame input and output differently")
+            raise ConfigError(
+                "editing pairs are squash-resized: a random crop would frame input and output differently"
+            )
         self.task, self.resolution, self.counter = task, resolution, counter
         self.preprocess, self.seed = preprocess, seed
 
@@ -148,7 +149,11 @@ class SampleDecoder:
                 if batch["skip"][i]:
                     raise BadSample(batch["skip"][i])
                 prompt = decode_text(batch["text"][i], self.task)
-                rng = sample_rng(self.seed, batch["url"][i], int(batch["index"][i]), int(epochs[i])) if self.preprocess == "random_crop" else None
+                rng = (
+                    sample_rng(self.seed, batch["url"][i], int(batch["index"][i]), int(epochs[i]))
+                    if self.preprocess == "random_crop"
+                    else None
+                )
                 if self.task == "editing":
                     source = decode_image(batch["source"][i], res, self.preprocess, rng, "missing_edit_input")
                 image = decode_image(batch["image"][i], res, self.preprocess, rng)

@@ -9,7 +9,7 @@ source is its `proportion`, or else
 so in generation stage 2 (generation x1 on 36M, editing x10 on 1.5M) about 2 in 3
 samples are generation, and in stage 3 (editing x3) about 1 in 2.
 
-`StepPlan` decides, for every optimizer step, what each worker's micro batches hold. It
+`StepSchedule` decides, for every optimizer step, what each worker's micro batches hold. It
 is computed identically on every worker (one seeded RNG, the same arithmetic), so no
 worker needs to ask another. In `single_task` mode (the release's
 DistributedTaskTypeBatchSampler) each micro batch is one task and the step mixes them:
@@ -45,10 +45,12 @@ import random
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
+
+from unilip.config import ConfigError
 
 
 @dataclass
@@ -65,10 +67,10 @@ def effective_weights(sources: list, sizes: dict[str, int]) -> dict[str, float]:
     given = [s.proportion is not None for s in sources]
     if any(given) and not all(given):
         missing = [s.name for s in sources if s.proportion is None]
-        raise ValueError(f"give every source a proportion, or none: {', '.join(missing)} has none")
+        raise ConfigError(f"give every source a proportion, or none: {', '.join(missing)} has none")
     weights = {s.name: s.proportion if s.proportion is not None else s.multiplier * sizes[s.name] for s in sources}
     if not weights or sum(weights.values()) <= 0 or min(weights.values()) < 0:
-        raise ValueError(f"sources need non-negative weights with a positive total, got {weights}")
+        raise ConfigError(f"sources need non-negative weights with a positive total, got {weights}")
     return weights
 
 
@@ -84,17 +86,26 @@ def apportion(shares: dict[str, float], n: int, credit: dict[str, float], rng: r
     return counts
 
 
-class StepPlan:
+class StepSchedule:
     """The contents of every worker's micro batches, step by step (see the module doc).
 
     `next_step()` returns, per micro step and per rank, {source: rows}."""
 
-    def __init__(self, sources: list[MixSource], micro_batch: int, world: int = 1, accumulation: int = 1,
-                 mode: str = "single_task", seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        sources: list[MixSource],
+        micro_batch: int,
+        world: int = 1,
+        accumulation: int = 1,
+        mode: str = "single_task",
+        seed: int = 0,
+    ):
         if mode not in ("single_task", "lockstep", "mixed"):
             raise ValueError(f"batch mode must be 'single_task', 'lockstep' or 'mixed', got {mode!r}")
         if micro_batch < 1 or world < 1 or accumulation < 1:
-            raise ValueError(f"micro_batch, world and accumulation must be >= 1, got {micro_batch}, {world}, {accumulation}")
+            raise ValueError(
+                f"micro_batch, world and accumulation must be >= 1, got {micro_batch}, {world}, {accumulation}"
+            )
         self.micro_batch, self.world, self.accumulation, self.mode = micro_batch, world, accumulation, mode
         total = sum(s.weight for s in sources)
         self.task_of = {s.name: s.task for s in sources}
@@ -135,21 +146,33 @@ class StepPlan:
     def next_step(self) -> list[list[dict[str, int]]]:
         out = []
         for row in self._slot_tasks():
-            out.append([{n: c for n, c in apportion(self.row_share[t], self.micro_batch, self.row_credit[r][t], self.rng).items() if c}
-                        for r, t in enumerate(row)])  # fmt: skip
+            out.append(
+                [
+                    {
+                        n: c
+                        for n, c in apportion(
+                            self.row_share[t], self.micro_batch, self.row_credit[r][t], self.rng
+                        ).items()
+                        if c
+                    }
+                    for r, t in enumerate(row)
+                ]
+            )
         return out
 
     def state(self) -> dict:
         version, internal, gauss = self.rng.getstate()
         return {
-            "rng": [version, list(internal), gauss], "task_credit": dict(self.task_credit),
-            "world": self.world, "accumulation": self.accumulation,
+            "rng": [version, list(internal), gauss],
+            "task_credit": dict(self.task_credit),
+            "world": self.world,
+            "accumulation": self.accumulation,
             "rank_tasks": [dict(c) for c in self.rank_tasks],
             "row_credit": [{g: dict(credit) for g, credit in r.items()} for r in self.row_credit],
-        }  # fmt: skip
+        }
 
     def load_state(self, state: dict) -> None:
-        """Continue a plan; the per-rank balance only when the workers are as before."""
+        """Continue a schedule; the per-rank balance only when the workers are as before."""
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.task_credit.update(state["task_credit"])
@@ -167,9 +190,11 @@ def epoch_stream(source: MixSource, first_epoch: int) -> Iterator[tuple[int, dic
         for batch in source.batches(epoch):
             if len(batch["key"]):
                 if "epoch" in batch and (batch["epoch"] != epoch).any():
-                    raise RuntimeError(f"data source {source.name!r}: the datasource read epoch "
-                                       f"{int(batch['epoch'][batch['epoch'] != epoch][0])} while training is in epoch {epoch}: "
-                                       f"Ray executed the dataset out of step with the trainer's epochs")  # fmt: skip
+                    raise RuntimeError(
+                        f"data source {source.name!r}: the datasource read epoch "
+                        f"{int(batch['epoch'][batch['epoch'] != epoch][0])} while training is in epoch {epoch}: "
+                        f"Ray executed the dataset out of step with the trainer's epochs"
+                    )
                 rows += len(batch["key"])
                 yield epoch, batch
         if not rows:
@@ -273,7 +298,7 @@ IMAGES = ("image", "source")  # the columns of a micro batch that are images
 
 
 class TaskMixer:
-    """One worker's micro batches under the shared `StepPlan`: rows key, prompt, task,
+    """One worker's micro batches under the shared `StepSchedule`: rows key, prompt, task,
     image, and where each row came from: url and index in its shard, origin (the
     source's name) and epoch (of that source); `source` holds the input image of each
     editing row, in row order (none for generation rows). Images are (B, H, W, 3) uint8
@@ -281,22 +306,31 @@ class TaskMixer:
     (into pinned memory with `pin_memory`, so that the copy to a GPU runs behind the
     host). Call `next_batch` `accumulation` times per optimizer step."""
 
-    def __init__(self, sources: list[MixSource], batch_size: int, mode: str = "single_task", seed: int = 0,
-                 rank: int = 0, world: int = 1, accumulation: int = 1, epochs: dict[str, int] | None = None,
-                 pin_memory: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        sources: list[MixSource],
+        batch_size: int,
+        mode: str = "single_task",
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        accumulation: int = 1,
+        epochs: dict[str, int] | None = None,
+        pin_memory: bool = False,
+    ):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside a world of {world}")
         self.sources = {s.name: s for s in sources}
-        self.plan = StepPlan(sources, batch_size, world, accumulation, mode, seed)
+        self.schedule = StepSchedule(sources, batch_size, world, accumulation, mode, seed)
         self.rank, self.pin_memory = rank, pin_memory
         self.cursors = {s.name: _Cursor(s, (epochs or {}).get(s.name, 0)) for s in sources}
         self._pending: list[dict[str, int]] = []
 
     def next_batch(self) -> dict:
         if not self._pending:
-            self._pending = [slots[self.rank] for slots in self.plan.next_step()]
+            self._pending = [slots[self.rank] for slots in self.schedule.next_step()]
         rows = self._pending.pop(0)
-        pieces = []  # (source, views, epoch), in a fixed order: the batch layout depends on the plan only
+        pieces = []  # (source, views, epoch), in a fixed order: the batch layout depends on the schedule only
         for name in self.sources:
             if rows.get(name):
                 pieces += [(self.sources[name], part, epoch) for part, epoch in self.cursors[name].take(rows[name])]
@@ -306,7 +340,9 @@ class TaskMixer:
         batch["origin"] = np.repeat(np.array([s.name for s, _, _ in pieces], dtype=object), sizes)
         batch["epoch"] = np.repeat(np.array([epoch for _, _, epoch in pieces], dtype=np.int64), sizes)
         batch["image"] = self._images([part["image"] for _, part, _ in pieces])
-        batch["source"] = self._images([part["source"] for s, part, _ in pieces if s.task == "editing"], like=batch["image"])
+        batch["source"] = self._images(
+            [part["source"] for s, part, _ in pieces if s.task == "editing"], like=batch["image"]
+        )
         return batch
 
     def _images(self, parts: list[np.ndarray], like=None):
@@ -328,13 +364,13 @@ class TaskMixer:
             cursor.close()
 
     def state(self) -> dict:
-        """What a resume needs to continue the plan (the same on every worker), a copy of
+        """What a resume needs to continue the schedule (the same on every worker), a copy of
         it as of now. Epochs and the samples consumed in them are the data position's
         (`pipelines.position`)."""
-        return {"plan": self.plan.state()}
+        return {"schedule": self.schedule.state()}
 
     def load_state(self, state: dict) -> None:
-        self.plan.load_state(state["plan"])
+        self.schedule.load_state(state["schedule"] if "schedule" in state else state["plan"])  # "plan": before 2026-12
 
 
 def prepared(mixer: TaskMixer, accumulation: int, depth: int) -> Iterator[tuple[dict, dict | None]]:
@@ -343,7 +379,7 @@ def prepared(mixer: TaskMixer, accumulation: int, depth: int) -> Iterator[tuple[
     checkpoint saves the state of the last step trained, which the mixer itself, ahead of
     training, no longer has. `close()` it to stop every thread under it."""
     if depth < 0:
-        raise ValueError(f"data.worker_prefetch must be >= 0 micro batches, got {depth}")
+        raise ConfigError(f"data.worker_prefetch must be >= 0 micro batches, got {depth}")
 
     def steps():
         try:
@@ -406,8 +442,12 @@ def collate(batch: dict, device=None) -> dict:
     from unilip.encoder import pixel_values_from_uint8
 
     moved = to_device(batch, device)
-    out = {"key": list(batch["key"]), "prompt": list(batch["prompt"]), "task": list(batch["task"]),
-           "pixel_values": pixel_values_from_uint8(moved["image"])}  # fmt: skip
+    out = {
+        "key": list(batch["key"]),
+        "prompt": list(batch["prompt"]),
+        "task": list(batch["task"]),
+        "pixel_values": pixel_values_from_uint8(moved["image"]),
+    }
     if "source" in moved:
         out["source_pixel_values"] = pixel_values_from_uint8(moved["source"])
     return out

@@ -62,8 +62,9 @@ def shard_groups(order: np.ndarray, width: int) -> list[np.ndarray]:
     return [order[i : i + width] for i in range(0, len(order), width)]
 
 
-def read_plan(seed: int, source: str, epoch: int, group: int, sizes: list[int], window: int,
-              shuffle: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def read_plan(
+    seed: int, source: str, epoch: int, group: int, sizes: list[int], window: int, shuffle: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """(shard position in the group, sample index in that shard) of every sample of a read
     task, in emission order. Without shuffle: each shard in turn, front to back."""
     shards = np.repeat(np.arange(len(sizes)), sizes)
@@ -76,8 +77,13 @@ def read_plan(seed: int, source: str, epoch: int, group: int, sizes: list[int], 
     index = np.empty(len(shards), dtype=np.int64)
     index[by_shard] = np.arange(len(shards)) - np.repeat(starts, sizes)
     if shuffle and window > 1:
-        emit = np.concatenate([start + rng.permutation(min(window, len(shards) - start))
-                               for start in range(0, len(shards), window)]) if len(shards) else shards  # fmt: skip
+        emit = (
+            np.concatenate(
+                [start + rng.permutation(min(window, len(shards) - start)) for start in range(0, len(shards), window)]
+            )
+            if len(shards)
+            else shards
+        )
         shards, index = shards[emit], index[emit]
     return shards, index
 

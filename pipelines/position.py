@@ -21,6 +21,8 @@ import bisect
 
 import numpy as np
 
+from unilip.errors import UserError
+
 
 class Intervals:
     """A set of non-negative ints as sorted, disjoint [start, stop) runs."""
@@ -64,8 +66,10 @@ class Position:
     def __init__(self, layout: dict[str, list[tuple[str, int]]], state: dict | None = None):
         self.layout = layout
         self.sizes = {src: dict(shards) for src, shards in layout.items()}
-        self.offsets = {src: dict(zip([u for u, _ in shards], np.cumsum([0] + [n for _, n in shards[:-1]]).tolist()))
-                        for src, shards in layout.items()}  # fmt: skip
+        self.offsets = {
+            src: dict(zip([u for u, _ in shards], np.cumsum([0] + [n for _, n in shards[:-1]]).tolist()))
+            for src, shards in layout.items()
+        }
         self.bits = {src: np.zeros(sum(n for _, n in shards), dtype=np.uint8) for src, shards in layout.items()}
         self.epochs = {src: 0 for src in layout}
         state = state or {}
@@ -75,7 +79,9 @@ class Position:
         for src, shards in state.get("done", {}).items():
             for url, entry in shards.items():
                 if src not in self.offsets or url not in self.offsets[src]:
-                    raise ValueError(f"the data position names {url} of {src}, which the source's manifest does not list")
+                    raise UserError(
+                        f"the data position names {url} of {src}, which the source's manifest does not list"
+                    )
                 part = self._part(src, url)
                 if isinstance(entry, dict):  # a packed bitmap
                     part[:] = np.unpackbits(np.frombuffer(base64.b64decode(entry["bits"]), np.uint8))[: len(part)]
@@ -93,7 +99,9 @@ class Position:
             self.epochs[source] = epoch
             self.bits[source][:] = 0
         offsets = self.offsets[source]
-        self.bits[source][np.fromiter((offsets[u] for u in urls), np.int64, len(urls)) + np.asarray(indices, np.int64)] = 1
+        self.bits[source][
+            np.fromiter((offsets[u] for u in urls), np.int64, len(urls)) + np.asarray(indices, np.int64)
+        ] = 1
 
     def absorb(self, other: Position) -> None:
         """The union with another worker's position: per source, the later epoch's record."""
@@ -124,7 +132,7 @@ class Position:
     def done(self, source: str) -> dict[str, Intervals]:
         """Samples consumed in the source's current epoch, per shard (what a resume leaves out)."""
         out = {}
-        for url, n in self.layout[source]:
+        for url, _n in self.layout[source]:
             part = self._part(source, url)
             if part.any():
                 out[url] = Intervals(_runs(part).tolist())
@@ -143,7 +151,9 @@ class Position:
                     continue
                 runs = _runs(part)
                 # runs cost ~2 numbers each, a packed bitmap n / 8 bytes: keep the smaller
-                mine[url] = runs.tolist() if len(runs) * 16 <= n else {"bits": base64.b64encode(np.packbits(part)).decode()}
+                mine[url] = (
+                    runs.tolist() if len(runs) * 16 <= n else {"bits": base64.b64encode(np.packbits(part)).decode()}
+                )
             if mine:
                 done[src] = mine
         return {"epochs": dict(self.epochs), "done": done}

@@ -15,7 +15,6 @@ from pipelines.shards import join, read_manifest
 from unilip.config import DataConfig
 from unilip.s3 import S3Access
 
-
 # Ray Data merges the tables a task yields into blocks of up to this size (128 MB by
 # default): a read task interleaving 16 shards would hand over its whole output as one
 # block, and its decoder one more, each past the in-flight budget on its own.
@@ -41,8 +40,16 @@ def shard_uris(uri: str, s3: S3Access) -> list[str]:
     return [join(uri, shard.path) for shard in read_manifest(uri, s3).shards]
 
 
-def raw_dataset(uri: str, task: str, s3: S3Access, counter=None, done: dict | None = None, order: Order = Order(),
-                source: str | None = None, first_epoch: int = 0):  # fmt: skip
+def raw_dataset(
+    uri: str,
+    task: str,
+    s3: S3Access,
+    counter=None,
+    done: dict | None = None,
+    order: Order = Order(),
+    source: str | None = None,
+    first_epoch: int = 0,
+):
     """Raw rows (key, url, index, epoch, text, image[, source], skip) that survive bad
     shards and storage faults, in the order of `order` from `first_epoch` on (one epoch per
     execution; `source` names the source in the order's seed, default the uri). `done`
@@ -56,9 +63,20 @@ def raw_dataset(uri: str, task: str, s3: S3Access, counter=None, done: dict | No
     return ray.data.read_datasource(datasource, override_num_blocks=max(1, len(datasource.groups(first_epoch))))
 
 
-def source_dataset(uri: str, task: str, s3: S3Access, resolution: int, counter=None, batch_size: int = 32,
-                   concurrency: int | None = None, done: dict | None = None, preprocess: str = "squash",
-                   order: Order = Order(), source: str | None = None, first_epoch: int = 0):  # fmt: skip
+def source_dataset(
+    uri: str,
+    task: str,
+    s3: S3Access,
+    resolution: int,
+    counter=None,
+    batch_size: int = 32,
+    concurrency: int | None = None,
+    done: dict | None = None,
+    preprocess: str = "squash",
+    order: Order = Order(),
+    source: str | None = None,
+    first_epoch: int = 0,
+):
     """Decoded rows (key, url, index, epoch, prompt, image[, source]) of one source, framed
     by `preprocess` (random crops seeded by `order.seed` and the epoch); bad samples
     dropped and counted by reason in `counter` (a SkipCounter), which also counts
@@ -66,6 +84,8 @@ def source_dataset(uri: str, task: str, s3: S3Access, resolution: int, counter=N
     from pipelines.decode import SampleDecoder
 
     return raw_dataset(uri, task, s3, counter, done, order, source, first_epoch).map_batches(
-        SampleDecoder(task, resolution, counter, preprocess, order.seed), batch_size=batch_size, batch_format="numpy",
+        SampleDecoder(task, resolution, counter, preprocess, order.seed),
+        batch_size=batch_size,
+        batch_format="numpy",
         concurrency=concurrency,
     )

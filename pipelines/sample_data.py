@@ -21,13 +21,16 @@ import json
 import random
 import time
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 
+import yaml
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from pipelines.shards import Manifest, ShardWriter, join
+from unilip.errors import UserError
+from unilip.images import read_image
 from unilip.s3 import S3Access, is_s3, split_s3
 
 JPEG_QUALITY = 95
@@ -44,27 +47,10 @@ class Photo:
         return self.caption.startswith("a black and white")
 
 
-PHOTOS = [
-    Photo("skimage", "data/astronaut.png", "an astronaut in an orange flight suit smiling beside a helmet, with an American flag and a space shuttle model behind her"),
-    Photo("skimage", "data/chelsea.png", "a tabby cat with green eyes looking into the camera"),
-    Photo("skimage", "data/coffee.png", "a cup of coffee with a spoon on a red saucer on a wooden table"),
-    Photo("skimage", "data/rocket.jpg", "a rocket on its launch pad between lit towers at dusk"),
-    Photo("skimage", "data/hubble_deep_field.jpg", "a deep space image of countless distant galaxies on a black sky"),
-    Photo("skimage", "data/motorcycle_left.png", "a red motorcycle parked in a garage with shelves and cardboard boxes"),
-    Photo("skimage", "data/retina.jpg", "a fundus photograph of a human retina with red blood vessels"),
-    Photo("skimage", "data/ihc.png", "a microscope image of tissue stained brown and blue"),
-    Photo("skimage", "data/camera.png", "a black and white photo of a man in a dark coat looking through a camera on a tripod in a field"),
-    Photo("skimage", "data/coins.png", "a black and white photo of rows of old coins on a dark background"),
-    Photo("skimage", "data/moon.png", "a black and white photo of the cratered surface of the moon"),
-    Photo("skimage", "data/brick.png", "a black and white photo of a brick pavement seen from above"),
-    Photo("skimage", "data/grass.png", "a black and white photo of dense blades of grass"),
-    Photo("skimage", "data/gravel.png", "a black and white photo of small gravel stones"),
-    Photo("sklearn", "datasets/images/china.jpg", "a traditional Chinese pagoda with tiered roofs above green trees, a lake behind it"),
-    Photo("sklearn", "datasets/images/flower.jpg", "an orange dahlia in bloom against a dark green background"),
-]  # fmt: skip
+PHOTOS = [Photo(**p) for p in yaml.safe_load(Path(__file__).with_name("sample_photos.yaml").read_text())]
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_photo(index: int) -> Image.Image:
     photo = PHOTOS[index]
     spec = find_spec(photo.package)  # locate without importing the package
@@ -109,7 +95,20 @@ def apply_edit(img: Image.Image, op: str, params: dict) -> Image.Image:
     raise ValueError(f"unknown edit op {op!r}")
 
 
-EDIT_OPS = ["grayscale", "mirror", "flip", "rotate", "tint", "zoom", "blur", "brightness", "contrast", "saturation", "invert", "sepia"]  # fmt: skip
+EDIT_OPS = [
+    "grayscale",
+    "mirror",
+    "flip",
+    "rotate",
+    "tint",
+    "zoom",
+    "blur",
+    "brightness",
+    "contrast",
+    "saturation",
+    "invert",
+    "sepia",
+]
 COLOR_ONLY = {"grayscale", "saturation"}  # no visible change on a black and white photo
 
 
@@ -132,7 +131,11 @@ def _choose_edit(rng: random.Random, photo: Photo) -> tuple[str, dict, str]:
         factor = rng.choice([1.5, 2.0])
         return op, {"factor": factor}, f"Zoom in {factor:g}x on the centre of the picture."
     if op == "blur":
-        return op, {"radius": rng.choice([2, 3, 4, 6])}, rng.choice(["Blur the image.", "Make the photo look out of focus."])
+        return (
+            op,
+            {"radius": rng.choice([2, 3, 4, 6])},
+            rng.choice(["Blur the image.", "Make the photo look out of focus."]),
+        )
     if op == "brightness":
         brighter = rng.random() < 0.5
         factor = round(rng.uniform(1.4, 1.8), 2) if brighter else round(rng.uniform(0.4, 0.65), 2)
@@ -144,7 +147,13 @@ def _choose_edit(rng: random.Random, photo: Photo) -> tuple[str, dict, str]:
     if op == "invert":
         return op, {}, rng.choice(["Invert the colours of the image.", "Turn the photo into its negative."])
     if op == "sepia":
-        return op, {}, rng.choice(["Give the photo an old-fashioned sepia look.", "Make it look like an antique sepia photograph."])
+        return (
+            op,
+            {},
+            rng.choice(
+                ["Give the photo an old-fashioned sepia look.", "Make it look like an antique sepia photograph."]
+            ),
+        )
     if op == "saturation":
         vivid = rng.random() < 0.5
         factor = round(rng.uniform(1.6, 2.2), 2) if vivid else round(rng.uniform(0.2, 0.45), 2)
@@ -179,18 +188,17 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
-
-
 def generation_sample(seed: int, i: int, size: int) -> dict[str, bytes]:
     rng = random.Random(f"{seed}:generation:{i}")  # str seeds hash with sha512: stable across runs
     index, img, meta = _variant(rng, size)
     caption = PHOTOS[index].caption
     if meta["area"] < 0.6:
         caption += ", seen up close"
-    return {"jpg": _jpeg(img), "txt": (caption[0].upper() + caption[1:] + ".").encode(), "json": json.dumps(meta).encode()}
+    return {
+        "jpg": _jpeg(img),
+        "txt": (caption[0].upper() + caption[1:] + ".").encode(),
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def editing_sample(seed: int, i: int, size: int) -> dict[str, bytes]:
@@ -199,9 +207,14 @@ def editing_sample(seed: int, i: int, size: int) -> dict[str, bytes]:
     op, params, instruction = _choose_edit(rng, PHOTOS[index])
     source = _jpeg(img)
     # Edit the decoded input, so the target is recomputable from input.jpg alone.
-    target = apply_edit(decode(source), op, params)
+    target = apply_edit(read_image(source), op, params)
     meta.update(op=op, params=params)
-    return {"input.jpg": source, "output.jpg": _jpeg(target), "txt": instruction.encode(), "json": json.dumps(meta).encode()}
+    return {
+        "input.jpg": source,
+        "output.jpg": _jpeg(target),
+        "txt": instruction.encode(),
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def build_sample_dataset(
@@ -216,13 +229,13 @@ def build_sample_dataset(
 ) -> dict[str, Manifest]:
     """Write `n_gen` generation and `n_edit` editing samples under `out`; returns the manifests."""
     if n_gen < 0 or n_edit < 0 or n_gen + n_edit == 0:
-        raise ValueError(f"need --gen >= 0 and --edit >= 0 with at least one sample, got {n_gen} and {n_edit}")
+        raise UserError(f"need --gen >= 0 and --edit >= 0 with at least one sample, got {n_gen} and {n_edit}")
     if shard_size < 1:
-        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+        raise UserError(f"--shard-size must be >= 1, got {shard_size}")
     if not 64 <= size <= 4096:
-        raise ValueError(f"--size must be between 64 and 4096 pixels, got {size}")
+        raise UserError(f"--size must be between 64 and 4096 pixels, got {size}")
     if is_s3(out) and not s3.bucket_exists(split_s3(out)[0]):
-        raise ValueError(f"bucket of {out} does not exist or is not reachable at {s3.endpoint_url or 'AWS S3'}")
+        raise UserError(f"bucket of {out} does not exist or is not reachable at {s3.endpoint_url or 'AWS S3'}")
     manifests = {}
     for task, prefix, count, make in (
         ("generation", "gen", n_gen, generation_sample),

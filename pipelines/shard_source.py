@@ -35,8 +35,15 @@ READ_BLOCK_BYTES = 4 * 1024 * 1024  # per open shard; a read task opens up to da
 class ResilientReader(io.RawIOBase):
     """Sequential reads of one object; on a storage error, reopen at the offset and retry."""
 
-    def __init__(self, open_file, name: str, attempts: int = 8, base_delay: float = 0.5, max_delay: float = 8.0,
-                 missing_attempts: int = 4):  # fmt: skip
+    def __init__(
+        self,
+        open_file,
+        name: str,
+        attempts: int = 8,
+        base_delay: float = 0.5,
+        max_delay: float = 8.0,
+        missing_attempts: int = 4,
+    ):
         self._open, self.name = open_file, name
         self.attempts, self.base_delay, self.max_delay = attempts, base_delay, max_delay
         self.missing_attempts = min(missing_attempts, attempts)
@@ -146,8 +153,15 @@ def read_shard(fs, path: str, url: str, task: str, attempts: int = 8, stats: dic
 def _schema(task: str):
     import pyarrow as pa
 
-    fields = [("key", pa.string()), ("url", pa.string()), ("index", pa.int32()), ("epoch", pa.int32()),
-              ("text", pa.binary()), ("skip", pa.string()), ("image", pa.binary())]  # fmt: skip
+    fields = [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("index", pa.int32()),
+        ("epoch", pa.int32()),
+        ("text", pa.binary()),
+        ("skip", pa.string()),
+        ("image", pa.binary()),
+    ]
     if task == "editing":
         fields.append(("source", pa.binary()))
     return pa.schema(fields)
@@ -167,9 +181,19 @@ class ShardDatasource(Datasource):
     Memory per active read task: up to `order.interleave` open shards with a
     READ_BLOCK_BYTES buffer each, plus at most `order.window` raw (undecoded) samples."""
 
-    def __init__(self, shards: list[tuple[str, int]], task: str, s3, source: str, order: Order = Order(),
-                 first_epoch: int = 0, rows_per_block: int = 16, attempts: int = 8, counter=None,
-                 done: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        shards: list[tuple[str, int]],
+        task: str,
+        s3,
+        source: str,
+        order: Order = Order(),
+        first_epoch: int = 0,
+        rows_per_block: int = 16,
+        attempts: int = 8,
+        counter=None,
+        done: dict | None = None,
+    ):
         if task not in ("generation", "editing"):
             raise ValueError(f"task must be 'generation' or 'editing', got {task!r}")
         self.shards, self.task, self.s3, self.source = list(shards), task, s3, source
@@ -188,16 +212,29 @@ class ShardDatasource(Datasource):
         consumed whole before a resume (the indices, which seed each group, stay put)."""
         o = self.order
         perm = shard_order(o.seed, self.source, epoch, len(self.shards), o.shuffle)
-        groups = [[self.shards[i] for i in g] for g in shard_groups(perm, interleave_width(o.interleave, len(self.shards)))]
-        return [(k, g) for k, g in enumerate(groups) if not all(u in self.done and self.done[u].covers(n) for u, n in g)]
+        groups = [
+            [self.shards[i] for i in g] for g in shard_groups(perm, interleave_width(o.interleave, len(self.shards)))
+        ]
+        return [
+            (k, g) for k, g in enumerate(groups) if not all(u in self.done and self.done[u].covers(n) for u, n in g)
+        ]
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
         epoch = self.epoch(data_context)
-        meta = lambda g: BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=tuple(u for u, _ in g))  # noqa: E731
+
+        def meta(g):
+            return BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=tuple(u for u, _ in g))
+
         return [ReadTask(self._reader(g, epoch, k), meta(g), schema=_schema(self.task)) for k, g in self.groups(epoch)]
 
     def _reader(self, group: list[tuple[str, int]], epoch: int, k: int):
-        s3, task, rows_per_block, attempts, counter = self.s3, self.task, self.rows_per_block, self.attempts, self.counter
+        s3, task, rows_per_block, attempts, counter = (
+            self.s3,
+            self.task,
+            self.rows_per_block,
+            self.attempts,
+            self.counter,
+        )
         order, source = self.order, self.source
         done = {u: self.done[u] for u, _ in group if u in self.done}
 
@@ -205,7 +242,9 @@ class ShardDatasource(Datasource):
             import pyarrow as pa
 
             schema = _schema(task)
-            shard_of, index_of = read_plan(order.seed, source, epoch, k, [n for _, n in group], order.window, order.shuffle)
+            shard_of, index_of = read_plan(
+                order.seed, source, epoch, k, [n for _, n in group], order.window, order.shuffle
+            )
             streams: list = [None] * len(group)
             waiting: list[dict[int, dict]] = [{} for _ in group]  # read, not yet emitted: at most a window
             ended = [False] * len(group)

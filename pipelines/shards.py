@@ -15,7 +15,8 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 
-from unilip.s3 import S3Access, is_s3
+from unilip.errors import UserError
+from unilip.s3 import S3Access
 
 MANIFEST = "manifest.json"
 
@@ -55,7 +56,7 @@ def read_manifest(uri: str, s3: S3Access) -> Manifest:
         with fs.open_input_stream(path) as f:
             return Manifest.from_json(f.read().decode())
     except (OSError, ValueError, KeyError) as e:
-        raise FileNotFoundError(f"no readable {MANIFEST} under {uri}: {e}") from None
+        raise UserError(f"no readable {MANIFEST} under {uri}: {e}") from None
 
 
 class ShardWriter:
@@ -65,24 +66,29 @@ class ShardWriter:
     memory stays bounded by one sample. `close()` writes the manifest.
     """
 
-    def __init__(self, uri: str, s3: S3Access, prefix: str, task: str, shard_size: int = 1000,
-                 name: str | None = None, manifest: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        uri: str,
+        s3: S3Access,
+        prefix: str,
+        task: str,
+        shard_size: int = 1000,
+        name: str | None = None,
+        manifest: bool = True,
+    ):
         """`name`: one shard of that exact name (no numbering); `manifest`: write manifest.json on close."""
         if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+            raise UserError(f"shard_size must be >= 1, got {shard_size}")
         self.uri, self.s3, self.prefix, self.shard_size = uri, s3, prefix, shard_size
         self._fixed_name, self._write_manifest = name, manifest
         self.manifest = Manifest(task)
-        self._fs, self._root = s3.resolve(uri)
-        if not is_s3(uri):
-            self._fs.create_dir(self._root, recursive=True)
         self._stream = self._tar = None
 
     def _open_next(self) -> None:
         name = self._fixed_name or f"{self.prefix}-{len(self.manifest.shards):06d}.tar"
         if self._fixed_name and self.manifest.shards:
             raise ValueError(f"shard {name} is full ({self.shard_size} samples)")
-        self._stream = self._fs.open_output_stream(f"{self._root}/{name}")
+        self._stream = self.s3.open_output(join(self.uri, name))
         self._tar = tarfile.open(fileobj=self._stream, mode="w|", format=tarfile.USTAR_FORMAT)
         self.manifest.shards.append(ShardInfo(name, 0))
 
@@ -94,7 +100,7 @@ class ShardWriter:
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         if "." in key or "/" in key:
-            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+            raise UserError(f"sample key {key!r} must not contain '.' or '/'")
         if self._tar is None or self.manifest.shards[-1].samples >= self.shard_size:
             self._close_current()
             self._open_next()
@@ -107,7 +113,7 @@ class ShardWriter:
     def close(self) -> Manifest:
         self._close_current()
         if self._write_manifest:
-            with self._fs.open_output_stream(f"{self._root}/{MANIFEST}") as f:
+            with self.s3.open_output(join(self.uri, MANIFEST)) as f:
                 f.write(self.manifest.to_json().encode())
         return self.manifest
 

@@ -7,16 +7,17 @@
     GET  /v1/models, /healthz (always open), /readyz (503 until the model is loaded)
 
 Every rejected request gets a 4xx JSON body in OpenAI's error shape,
-{"error": {"message", "type", "param", "code"}}; overload gets 503 with Retry-After.
+{"error": {"message", "type", "param", "code"}}; overload gets 503 with Retry-After. Only
+the project's `UserError` (bad input) becomes a 4xx: any other exception is a bug of ours,
+answered 500 in the same shape and logged with its traceback (`ray.serve` logger).
 """
-
 
 import asyncio
 import base64
 import binascii
 import hmac
-import io
 import json
+import logging
 import math
 import os
 import time
@@ -28,6 +29,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from unilip.config import ConfigError
+from unilip.errors import UserError
+from unilip.images import ImageError, read_image
 from unilip.sampler import MAX_GUIDANCE, MAX_STEPS
 
 SIZES = ("448x448",)  # the model's output size
@@ -38,6 +42,7 @@ MIN_IMAGE_SIDE = 16
 MAX_CHAT_TOKENS = 512
 
 app = FastAPI(title="UniLIP", docs_url=None, redoc_url=None)
+log = logging.getLogger("ray.serve")
 
 
 class ApiError(Exception):
@@ -46,8 +51,13 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str = "invalid_request_error",
-                   headers: dict | None = None) -> JSONResponse:  # fmt: skip
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str = "invalid_request_error",
+    headers: dict | None = None,
+) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -61,6 +71,8 @@ async def _api_error(request: Request, e: ApiError):
 
 @app.exception_handler(Exception)
 async def _server_error(request: Request, e: Exception):
+    # a bug of ours, not the request's: logged with its traceback, answered 500
+    log.error("%s %s failed", request.method, request.url.path, exc_info=e)
     return error_response(500, f"internal error: {type(e).__name__}", code="server_error")
 
 
@@ -76,7 +88,7 @@ def api_key(env: str | None, file: str | None) -> str | None:
     if env:
         key = os.environ.get(env)
         if not key:
-            raise ValueError(f"auth is configured with api_key_env={env}, but ${env} is not set")
+            raise ConfigError(f"auth is configured with api_key_env={env}, but ${env} is not set")
         return key.strip()
     if file:
         return Path(file).read_text().strip()
@@ -135,19 +147,10 @@ def sampling_fields(data: dict) -> dict:
 
 def decode_image(data: bytes, param: str):
     """Bytes -> RGB PIL image; not an image, truncated, too small or too large -> 400."""
-    from PIL import Image
-
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise ApiError(400, f"'{param}' is {im.width}x{im.height}; the limit is {MAX_IMAGE_PIXELS} pixels", param)
-            if min(im.size) < MIN_IMAGE_SIDE:
-                raise ApiError(400, f"'{param}' is {im.width}x{im.height}; each side must be at least {MIN_IMAGE_SIDE}", param)
-            return im.convert("RGB")
-    except ApiError:
-        raise
-    except Exception:  # PIL raises many kinds for bad data
-        raise ApiError(400, f"'{param}' is not a readable image (PNG, JPEG or WebP)", param) from None
+        return read_image(data, min_side=MIN_IMAGE_SIDE, max_pixels=MAX_IMAGE_PIXELS)
+    except ImageError as e:
+        raise ApiError(400, f"'{param}': {e}", param) from None
 
 
 def b64_image(value, param: str, limit: int):
@@ -202,8 +205,14 @@ def images_response(images: list[bytes]) -> dict:
 @serve.deployment
 @serve.ingress(app)
 class Api:
-    def __init__(self, model, model_name: str, max_body_bytes: int, api_key_env: str | None = None,
-                 api_key_file: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        model_name: str,
+        max_body_bytes: int,
+        api_key_env: str | None = None,
+        api_key_file: str | None = None,
+    ):
         self.model = model
         self.settings = Settings(model_name, max_body_bytes, api_key(api_key_env, api_key_file))
         self.ready = False
@@ -236,7 +245,7 @@ class Api:
             raise ApiError(503, "the model replica was lost; retry shortly", code="replica_lost") from None
         except BackPressureError:
             raise ApiError(503, "the server is at capacity; retry shortly", code="overloaded") from None
-        except ValueError as e:  # the model's own checks (prompt tokens, reserved tokens)
+        except UserError as e:  # the model's own checks (prompt tokens, reserved tokens)
             raise ApiError(400, str(e).strip().splitlines()[-1]) from None
 
     async def _images(self, request: dict) -> dict:
@@ -268,7 +277,9 @@ class Api:
             raise ApiError(400, "'image' (a file) is required", "image")
         image = decode_image(await upload.read(), "image")
         data = {k: v for k, v in form.items() if isinstance(v, str)}
-        return await self._images({"task": "editing", "prompt": prompt_field(data), "image": image, **sampling_fields(data)})
+        return await self._images(
+            {"task": "editing", "prompt": prompt_field(data), "image": image, **sampling_fields(data)}
+        )
 
     @app.post("/v1/reconstructions")
     async def reconstructions(self, request: Request):
@@ -301,24 +312,30 @@ class Api:
             elif kind == "image_url" and isinstance(part.get("image_url"), dict):
                 images.append(b64_image(part["image_url"].get("url"), "image_url", self.settings.max_body_bytes))
             else:
-                raise ApiError(400, "content parts must be {type: text, text} or {type: image_url, image_url: {url}}", "messages")
+                raise ApiError(
+                    400, "content parts must be {type: text, text} or {type: image_url, image_url: {url}}", "messages"
+                )
         if len(images) != 1:
             raise ApiError(400, f"send exactly one image per request, got {len(images)}", "messages")
         question = prompt_field({"text": "\n".join(texts)}, "text")
         max_tokens = field(data, "max_tokens", int, 64, 1, MAX_CHAT_TOKENS)
         answer = await self._call("understand", images[0], question, max_tokens)
         return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
             "model": self.settings.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-        }  # fmt: skip
+        }
 
     @app.get("/v1/models")
     async def models(self, request: Request):
         self._authorize(request)
-        return {"object": "list", "data": [{"id": self.settings.model_name, "object": "model", "owned_by": "unilip",
-                                            "created": 0}]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [{"id": self.settings.model_name, "object": "model", "owned_by": "unilip", "created": 0}],
+        }
 
     @app.get("/healthz")
     async def healthz(self):
@@ -328,6 +345,6 @@ class Api:
     async def readyz(self):
         try:  # no replica up (all lost, or the first still loading): a handle call would wait for one
             status = await asyncio.wait_for(self.model.status.remote(), timeout=3)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             status = {"ready": False, "error": None, "reason": "no model replica is up yet"}
         return JSONResponse(status, status_code=200 if status["ready"] else 503)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from serve.api import Api
 from serve.model_server import UniLIPModel
+from unilip.config import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).with_name("serve.yaml")
 
@@ -42,17 +43,28 @@ def application(args: dict, options: dict[str, dict] | None = None):
     """The bound application: the model deployment and the HTTP ingress in front of it."""
     model = args.get("model")
     if not model:
-        raise ValueError("the Serve application needs args.model: models:/NAME/VERSION, models:/NAME@ALIAS, DIR or s3://...")
+        raise ConfigError(
+            "the Serve application needs args.model: models:/NAME/VERSION, models:/NAME@ALIAS, DIR or s3://..."
+        )
     options = options or {}
     handle = UniLIPModel.options(**options.get("UniLIPModel", {})).bind(
-        model, int(args.get("max_batch_size", 4)), float(args.get("batch_wait_timeout_s", 0.05)), str(args.get("dtype", "auto")))
+        model,
+        int(args.get("max_batch_size", 4)),
+        float(args.get("batch_wait_timeout_s", 0.05)),
+        str(args.get("dtype", "auto")),
+    )
     return Api.options(**options.get("Api", {})).bind(
-        handle, args.get("model_name") or model_name(model), int(args.get("max_body_bytes", 20 * 2**20)),
-        args.get("api_key_env"), args.get("api_key_file"))
+        handle,
+        args.get("model_name") or model_name(model),
+        int(args.get("max_body_bytes", 20 * 2**20)),
+        args.get("api_key_env"),
+        args.get("api_key_file"),
+    )
 
 
-def load_config(path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None, host: str | None = None,
-                port: int | None = None) -> dict:  # fmt: skip
+def load_config(
+    path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None, host: str | None = None, port: int | None = None
+) -> dict:
     """The Serve config file, checked against Ray's schema, with args and HTTP overrides."""
     from ray.serve.schema import ServeDeploySchema
 
@@ -74,7 +86,9 @@ def load_config(path: str | Path = DEFAULT_CONFIG, overrides: dict | None = None
         raise ConfigError(f"{path} is not a valid Ray Serve config: {e}") from None
     unknown = unknown_keys(config, ServeDeploySchema)
     if unknown:
-        raise ConfigError(f"{path}: unknown Ray Serve config key(s) {', '.join(unknown)} (Ray would ignore them silently)")
+        raise ConfigError(
+            f"{path}: unknown Ray Serve config key(s) {', '.join(unknown)} (Ray would ignore them silently)"
+        )
     return config
 
 
@@ -90,8 +104,12 @@ def unknown_keys(data: dict, schema, where: str = "") -> list[str]:
             continue
         for sub in _schemas(fields[key].annotation):
             items = enumerate(value) if isinstance(value, list) else [(None, value)]
-            out += [k for i, item in items if isinstance(item, dict)
-                    for k in unknown_keys(item, sub, path if i is None else f"{path}.{i}")]  # fmt: skip
+            out += [
+                k
+                for i, item in items
+                if isinstance(item, dict)
+                for k in unknown_keys(item, sub, path if i is None else f"{path}.{i}")
+            ]
     return out
 
 
@@ -144,7 +162,7 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = log
         out = open(log, "w") if log else subprocess.DEVNULL
-        cmd = [sys.executable, "-m", "unilip.cli", "serve", "--model", model, "--port", self.url.rsplit(":", 1)[1], *args]
+        cmd = [sys.executable, "-m", "cli", "serve", "--model", model, "--port", self.url.rsplit(":", 1)[1], *args]
         self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
         self.returncode: int | None = None
 
@@ -188,15 +206,21 @@ def run_local(config: dict, log=print, stop: threading.Event | None = None) -> N
     if key_env and os.environ.get(key_env):  # the ingress replicas read the key where they run
         actor = options.setdefault("Api", {}).setdefault("ray_actor_options", {})
         actor.setdefault("runtime_env", {}).setdefault("env_vars", {})[key_env] = os.environ[key_env]
-    serve.run(application(app_config["args"], options), name=app_config.get("name", "unilip"), route_prefix=app_config.get("route_prefix", "/"),
-              blocking=False)  # fmt: skip
+    serve.run(
+        application(app_config["args"], options),
+        name=app_config.get("name", "unilip"),
+        route_prefix=app_config.get("route_prefix", "/"),
+        blocking=False,
+    )
     stop = stop or threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         wait_ready(url)
-        log(f"[serve] ready: {url}/v1/images/generations, /v1/images/edits, /v1/chat/completions, "
-            f"/v1/reconstructions, /v1/models, /healthz, /readyz (Ctrl-C stops)")  # fmt: skip
+        log(
+            f"[serve] ready: {url}/v1/images/generations, /v1/images/edits, /v1/chat/completions, "
+            f"/v1/reconstructions, /v1/models, /healthz, /readyz (Ctrl-C stops)"
+        )
         stop.wait()
     finally:
         log("[serve] shutting down")

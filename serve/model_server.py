@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import random
 from itertools import groupby
 
 from ray import serve
+
+from unilip.errors import UserError
 
 
 def png(image) -> bytes:
@@ -29,7 +32,9 @@ def png(image) -> bytes:
 
 @serve.deployment
 class UniLIPModel:
-    def __init__(self, model_uri: str, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.05, dtype: str = "auto"):
+    def __init__(
+        self, model_uri: str, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.05, dtype: str = "auto"
+    ):
         self.model_uri, self.dtype, self.model, self.error = model_uri, dtype, None, None
         self.images.set_max_batch_size(max_batch_size)
         self.images.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -39,15 +44,19 @@ class UniLIPModel:
         try:
             import torch
 
-            from unilip.artifacts import fetch_model
+            from cluster.registry import fetch_model
             from unilip.model import UniLIP
             from unilip.s3 import s3_access
 
             torch.set_grad_enabled(False)
             # bf16 on a GPU, fp32 on a CPU, unless the application's `dtype` says otherwise
-            self.model = UniLIP.from_pretrained(fetch_model(self.model_uri, s3_access())).for_inference(dtype=self.dtype)
+            self.model = UniLIP.from_pretrained(fetch_model(self.model_uri, s3_access())).for_inference(
+                dtype=self.dtype
+            )
         except Exception as e:  # reported by status(); the replica stays up to say why
             self.error = f"{type(e).__name__}: {e}"
+            if not isinstance(e, UserError):  # a bug of ours: its traceback in the replica's log
+                logging.getLogger("ray.serve").exception("the model failed to load")
 
     def _ready_model(self):
         if self.model is None:
@@ -60,7 +69,13 @@ class UniLIPModel:
         loaded = self.model is not None
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.") if loaded else None
         pos_embed = dit_pos_embed_of(self.model.generator.dit) if loaded else None  # what the built DiT adds
-        return {"ready": loaded, "error": self.error, "model": self.model_uri, "dtype": dtype, "dit_pos_embed": pos_embed}
+        return {
+            "ready": loaded,
+            "error": self.error,
+            "model": self.model_uri,
+            "dtype": dtype,
+            "dit_pos_embed": pos_embed,
+        }
 
     def check_health(self) -> None:
         self._ready_model()
@@ -78,7 +93,7 @@ class UniLIPModel:
         for i, r in enumerate(requests):
             try:
                 model.check_prompts([r["prompt"]])
-            except ValueError as e:
+            except UserError as e:
                 results[i] = {"error": str(e)}
                 continue
             seed = r["seed"] if r["seed"] is not None else random.randrange(2**31)
@@ -93,7 +108,7 @@ class UniLIPModel:
                 out = model.edit([r["image"] for _, r, s in group for _ in s], prompts, **sampling)
             else:
                 out = model.generate(prompts, **sampling)
-            for i, r, s in group:
+            for i, _, s in group:
                 results[i] = {"images": [png(im) for im in out[: len(s)]]}
                 out = out[len(s) :]
         return results

@@ -1,4 +1,7 @@
-"""Shared fixtures: one embedded stack (S3 server, MLflow, Ray on 127.0.0.1) per session."""
+"""Shared fixtures: one embedded stack (S3 server, MLflow, Ray on 127.0.0.1) per session.
+
+A test that uses the stack, or a module that starts services itself (`pytestmark =
+pytest.mark.stack`), is marked `stack`; `make quick` runs the others (`-m "not stack"`)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,15 @@ import pytest
 from cluster.local import LocalStack
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+STACK_FIXTURES = {"stack", "s3", "sample", "ray_session"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if STACK_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.stack)
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +68,10 @@ def recorded_samples(s3, runs: str) -> tuple[list[str], list[str]]:
 
     records = s3.list_keys(f"{runs}/samples/")
     steps = sorted({k.rsplit("/", 1)[1].split("-rank")[0] for k in records})
-    per_rank = [[key for k in sorted(records) if k.endswith(f"-rank-{r}.json") for key in json.loads(s3.get_bytes(k))] for r in (0, 1)]
+    per_rank = [
+        [key for k in sorted(records) if k.endswith(f"-rank-{r}.json") for key in json.loads(s3.get_bytes(k))]
+        for r in (0, 1)
+    ]
     return steps, per_rank
 
 
@@ -74,8 +89,14 @@ def ray_session(stack):
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `unilip ARGS...` as a user would, in a child process. Past the timeout it gets
     SIGTERM (it then stops what it started) and the failure shows the end of its output."""
-    proc = subprocess.Popen([sys.executable, "-m", "unilip.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT, env={**os.environ, **(env or {})})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException as e:  # our timeout, pytest-timeout's, Ctrl-C: never leave it running
@@ -89,3 +110,8 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
             pytest.fail(f"unilip {' '.join(args)} timed out after {timeout}s:\n{out[-3000:]}\n{err[-3000:]}")
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def sets(*overrides: str) -> list[str]:
+    """`--set KEY=VALUE` arguments for a command, one pair per override."""
+    return [arg for item in overrides for arg in ("--set", item)]

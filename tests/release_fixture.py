@@ -26,7 +26,7 @@ def perturbed_tiny(seed: int = 7):
     model = UniLIP.from_preset("tiny")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, part in model.components().items():
+        for _name, part in model.components().items():
             for p in [part] if isinstance(part, torch.nn.Parameter) else part.parameters():
                 p.add_(0.02 * torch.randn(p.shape, generator=gen)).copy_(p.to(torch.bfloat16).float())
     model.trained_parts = set(model.components())
@@ -49,7 +49,11 @@ def release_state(model) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {"model.latent_queries": parts["queries"].detach()}
     enc = parts["encoder"].state_dict()
     for key, value in enc.items():
-        if key.startswith("vision_tower.") and ".attention." in key and key.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj"):
+        if (
+            key.startswith("vision_tower.")
+            and ".attention." in key
+            and key.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj")
+        ):
             if ".q_proj." in key:  # InternViT's fused qkv: q, k, v stacked along rows
                 stem, kind = key.split(".attention.q_proj.")
                 fused = torch.cat([enc[f"{stem}.attention.{p}_proj.{kind}"] for p in "qkv"])
@@ -69,8 +73,11 @@ def release_state(model) -> dict[str, torch.Tensor]:
             layer, kind = key.split(".")
             out[f"model.vae_decoder.down_mlp.{index[layer]}.{kind}"] = value
     out |= {f"model.vae_decoder.decoder.{k}": v for k, v in parts["pixel_decoder"].state_dict().items()}
-    out |= {f"model.llm_connector.{k[len('model.'):]}": v for k, v in parts["connector"].state_dict().items()
-            if k != "model.embed_tokens.weight"}  # fmt: skip  (the release deletes the connector's embed_tokens)
+    out |= {
+        f"model.llm_connector.{k[len('model.') :]}": v
+        for k, v in parts["connector"].state_dict().items()
+        if k != "model.embed_tokens.weight"
+    }  # the release deletes the connector's embed_tokens
     out |= {f"model.projector.{k}": v for k, v in parts["caption_projector"].state_dict().items()}
     out |= {f"model.dit.{k}": v for k, v in parts["dit"].state_dict().items()}
     lm = model.mllm.model.language_model.state_dict()
@@ -104,15 +111,31 @@ def write_release(model, out: str | Path, shards: int = 1) -> Path:
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     text = model.mllm.config.text_config
     config = {
-        "architectures": ["UniLIP_InternVLForCausalLM"], "model_type": "unilip_internvl",
-        "n_query": model.cfg.num_queries, "connect_layer": model.cfg.connector_layers, "unilip_factor": 1.0,
-        "mllm_path": "tiny", "mllm_hf_path": "tiny", "vae_path": "tiny", "dit_path": "tiny",
-        "image_token_id": model.mllm.config.image_token_id, "image_seq_length": 256, "downsample_ratio": 0.5,
-        "text_config": {"model_type": "qwen2", "vocab_size": text.vocab_size + len(EXTRA_TOKENS), "hidden_size": text.hidden_size},
-        "torch_dtype": "bfloat16", "transformers_version": "4.52.1", "use_cache": True,
-    }  # fmt: skip
+        "architectures": ["UniLIP_InternVLForCausalLM"],
+        "model_type": "unilip_internvl",
+        "n_query": model.cfg.num_queries,
+        "connect_layer": model.cfg.connector_layers,
+        "unilip_factor": 1.0,
+        "mllm_path": "tiny",
+        "mllm_hf_path": "tiny",
+        "vae_path": "tiny",
+        "dit_path": "tiny",
+        "image_token_id": model.mllm.config.image_token_id,
+        "image_seq_length": 256,
+        "downsample_ratio": 0.5,
+        "text_config": {
+            "model_type": "qwen2",
+            "vocab_size": text.vocab_size + len(EXTRA_TOKENS),
+            "hidden_size": text.hidden_size,
+        },
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.52.1",
+        "use_cache": True,
+    }
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "generation_config.json").write_text(json.dumps({"_from_model_config": True, "transformers_version": "4.52.1"}))
+    (out / "generation_config.json").write_text(
+        json.dumps({"_from_model_config": True, "transformers_version": "4.52.1"})
+    )
     tok = copy.deepcopy(model.tokenizer)
     tok.add_tokens(EXTRA_TOKENS, special_tokens=True)
     tok.save_pretrained(str(out))

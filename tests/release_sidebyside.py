@@ -42,7 +42,10 @@ def ours(out: Path) -> None:
 
     convert_official(str(write_release(perturbed_tiny(), out / "release")), out / "converted", log=lambda m: None)
     model = UniLIP.from_pretrained(out / "converted").eval()
-    g, photo = model.generator, Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    g, photo = (
+        model.generator,
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)),
+    )
     tensors = {}
     with torch.no_grad():
         gen = [g.condition_states([p]) for p in (NULL_GENERATION, generation_prompt(CAPTION))]
@@ -68,7 +71,7 @@ def ours(out: Path) -> None:
     (out / "sana" / "transformer" / "config.json").write_text(json.dumps(config | {"interpolation_scale": None}))
     make_scheduler(model.cfg.solver, model.cfg.shift).save_pretrained(out / "sana" / "scheduler")
     model.pixel_decoder.dcae.save_pretrained(out / "dcae")
-    (out / "meta.json").write_text(json.dumps({"unilip_factor": model.sources.unilip_factor, "width": ref.shape[-1]}))
+    (out / "meta.json").write_text(json.dumps({"unilip_factor": model.upstream.unilip_factor, "width": ref.shape[-1]}))
     print(f"wrote {out}: run the other side in the authors' environment")
 
 
@@ -79,30 +82,58 @@ def theirs(out: Path) -> None:
     from diffusers import DPMSolverMultistepScheduler, SanaTransformer2DModel
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
+
     from unilip.model.language_model.unilip_internvl import UniLIP_InternVLForCausalLM
     from unilip.model.vae_modules import DCAE_Decoder
 
     mine, meta = load_file(str(out / "ours.safetensors")), json.loads((out / "meta.json").read_text())
-    dit = SanaTransformer2DModel.from_pretrained(str(out / "sana"), subfolder="transformer", torch_dtype=torch.float32).eval()
+    dit = SanaTransformer2DModel.from_pretrained(
+        str(out / "sana"), subfolder="transformer", torch_dtype=torch.float32
+    ).eval()
     decoder = DCAE_Decoder(OmegaConf.create({"model": {"dc_ae_path": str(out / "dcae")}}), meta["width"]).eval()
     shim = types.SimpleNamespace(get_model=lambda: types.SimpleNamespace(dit=dit))
 
     def report(name, got, want):
         rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
-        print(f"{name:<22} relative difference {rel:.2e}   max |diff| {(got.float() - want.float()).abs().max().item():.2e}")
+        print(
+            f"{name:<22} relative difference {rel:.2e}   max |diff| {(got.float() - want.float()).abs().max().item():.2e}"
+        )
 
     with torch.no_grad():
-        run = lambda x, t, key: dit(x, timestep=t * 1000, encoder_hidden_states=mine[f"{key}.states"],  # noqa: E731
-                                    encoder_attention_mask=mine[f"{key}.mask"], return_dict=False)[0]
+
+        def run(x, t, key):
+            return dit(
+                x,
+                timestep=t * 1000,
+                encoder_hidden_states=mine[f"{key}.states"],
+                encoder_attention_mask=mine[f"{key}.mask"],
+                return_dict=False,
+            )[0]
+
         report("DiT output", run(mine["dit.x"], mine["dit.t"], "generation"), mine["dit.out"])
-        pred = dit(mine["flow.x_t"], timestep=mine["flow.t"] * 1000, encoder_hidden_states=mine["generation.states"][1:],
-                   encoder_attention_mask=mine["generation.mask"][1:], return_dict=False)[0]  # fmt: skip
-        report("flow loss", torch.nn.functional.mse_loss(pred.float(), mine["flow.target"].float()).reshape(1), mine["flow.loss"])
+        pred = dit(
+            mine["flow.x_t"],
+            timestep=mine["flow.t"] * 1000,
+            encoder_hidden_states=mine["generation.states"][1:],
+            encoder_attention_mask=mine["generation.mask"][1:],
+            return_dict=False,
+        )[0]
+        report(
+            "flow loss",
+            torch.nn.functional.mse_loss(pred.float(), mine["flow.target"].float()).reshape(1),
+            mine["flow.loss"],
+        )
         for task in ("generation", "editing"):
             scheduler = DPMSolverMultistepScheduler.from_pretrained(str(out / "sana"), subfolder="scheduler")
             latents = UniLIP_InternVLForCausalLM.sample_images(
-                shim, mine[f"{task}.states"], scheduler, encoder_attention_mask=mine[f"{task}.mask"].bool(),
-                generator=torch.Generator().manual_seed(SEED), num_inference_steps=20, guidance_scale=4.5)  # fmt: skip
+                shim,
+                mine[f"{task}.states"],
+                scheduler,
+                encoder_attention_mask=mine[f"{task}.mask"].bool(),
+                generator=torch.Generator().manual_seed(SEED),
+                num_inference_steps=20,
+                guidance_scale=4.5,
+            )
             image = decoder.vae_decode(latents.float() / meta["unilip_factor"])
             image = (image[0].permute(1, 2, 0).clamp(-1, 1).float().numpy() + 1) / 2  # their generate_image's tail
             image = torch.from_numpy(cv2.resize(image, (448, 448), interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1)
@@ -110,7 +141,9 @@ def theirs(out: Path) -> None:
             report(f"{task} sample", image, want)
             eight = lambda im: (im * 255).round().clamp(0, 255)  # noqa: E731
             differ = (eight(image) != eight(want)).float()
-            print(f"{'':<22} 8-bit values that differ: {differ.mean().item():.2%}, by up to {(eight(image) - eight(want)).abs().max().item():.0f}")
+            print(
+                f"{'':<22} 8-bit values that differ: {differ.mean().item():.2%}, by up to {(eight(image) - eight(want)).abs().max().item():.0f}"
+            )
 
 
 if __name__ == "__main__":

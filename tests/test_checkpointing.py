@@ -4,8 +4,9 @@ bit, in the shipped precision (bf16), with the blocks' activations recomputed.""
 import pytest
 import torch
 
-from unilip.checkpointing import is_checkpointed
+from unilip.activation_checkpointing import is_checkpointed
 from unilip.config import ModelConfig
+from unilip.errors import UserError
 from unilip.model import UniLIP
 from unilip.prompts import edit_prompt, generation_prompt
 
@@ -25,8 +26,12 @@ def step(checkpointing: list[str], calls: list | None = None):
     target = torch.randn(2, 3, 448, 448, generator=g)
     recon, _ = model.reconstruct_tensors(pixels)
     loss = (recon.float() - pixels.tanh()).square().mean()
-    loss = loss + model.generation_loss([generation_prompt("a red fox")] * 2, target, generator=torch.Generator().manual_seed(1))
-    loss = loss + model.generation_loss([edit_prompt("make it blue")] * 2, target, target, generator=torch.Generator().manual_seed(2))
+    loss = loss + model.generation_loss(
+        [generation_prompt("a red fox")] * 2, target, generator=torch.Generator().manual_seed(1)
+    )
+    loss = loss + model.generation_loss(
+        [edit_prompt("make it blue")] * 2, target, target, generator=torch.Generator().manual_seed(2)
+    )
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, model
 
@@ -45,9 +50,11 @@ def test_checkpointing_changes_memory_not_results():
 
 
 def test_recon_stage2_448_checkpoints_as_the_release_and_bad_names_are_refused():
-    from jobs.recipes import load_recipe
+    from jobs.training.recipes import load_recipe
 
     assert load_recipe("recon-stage2-448").train.activation_checkpointing == ["encoder", "pixel_decoder"]
     model = UniLIP.from_preset("tiny")
-    with pytest.raises(ValueError, match=r"unknown component\(s\) \['vae'\] for activation checkpointing; choose from: encoder, llm"):
+    with pytest.raises(
+        UserError, match=r"unknown component\(s\) \['vae'\] for activation checkpointing; choose from: encoder, llm"
+    ):
         model.set_activation_checkpointing(["vae"])

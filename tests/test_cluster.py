@@ -12,13 +12,13 @@ import pytest
 import ray
 import yaml
 
+from cli import build_parser
 from cluster.local import LocalStack
 from cluster.submit import FORWARDED_ENV
-from jobs.recipes import chain, recipe_names
 from jobs.tracking import find_run
-from jobs.train import EXPERIMENT
-from tests.conftest import ROOT, run_cli
-from unilip.cli import build_parser
+from jobs.training.recipes import chain, recipe_names
+from jobs.training.train import EXPERIMENT
+from tests.conftest import ROOT, run_cli, sets
 
 KUBERAY = ROOT / "cluster" / "kuberay"
 IMAGE = re.compile(r"^[\w.\-/]+:[\w.\-]+$")  # registry/name:tag
@@ -75,7 +75,7 @@ def test_rayjob_template_renders_a_valid_train_command_for_every_recipe(recipe):
     cluster = load(KUBERAY / "raycluster.yaml")["metadata"]["name"]
     assert doc["spec"]["clusterSelector"] == {"ray.io/cluster": cluster}
     argv = shlex.split(doc["spec"]["entrypoint"])
-    assert argv[:3] == ["python", "-m", "unilip.cli"]
+    assert argv[:3] == ["python", "-m", "cli"]
     args = build_parser().parse_args(argv[3:])  # the project's own parser accepts it
     assert args.command == "train" and args.recipe in recipe_names() and args.gpu and args.workers == 16
     for c in doc["spec"]["submitterPodTemplate"]["spec"]["containers"]:
@@ -152,9 +152,21 @@ def ray_head(stack, tmp_path):
 
 
 def test_submit_runs_a_recipe_on_a_ray_head_and_jobs_commands_follow_it(stack, s3, sample, ray_head):
-    out = run_cli("submit", "recon-stage1", "--preset", "tiny", "--workers", "1", "--run-name", "submitted",
-                  "--set", "train.steps=2", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=2",
-                  "--address", ray_head, "--follow", timeout=900)  # fmt: skip
+    out = run_cli(
+        "submit",
+        "recon-stage1",
+        "--preset",
+        "tiny",
+        "--workers",
+        "1",
+        "--run-name",
+        "submitted",
+        *sets("train.steps=2", "train.checkpoint_every=2", "train.eval_every=2"),
+        "--address",
+        ray_head,
+        "--follow",
+        timeout=900,
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
     job_id = re.search(r"submitted job (\S+):", out.stdout).group(1)
     assert f"job {job_id}: SUCCEEDED" in out.stdout

@@ -18,7 +18,9 @@ from tests.conftest import ROOT, run_cli
 KUBERAY, AWS = ROOT / "cluster" / "kuberay", ROOT / "cluster" / "aws"
 K8S_VERSION = "1.37.0"  # kubernetes-validate's newest schemas (strict: unknown fields are errors)
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-QUANTITY = re.compile(r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?$")  # resource.Quantity
+QUANTITY = re.compile(
+    r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+)  # resource.Quantity
 # KubeRay's name limits: services get suffixes ("-serve-svc"), clusters of jobs and services 6 characters
 MAX_NAME = {"RayCluster": 53, "RayJob": 47, "RayService": 47}
 
@@ -29,8 +31,11 @@ def load(path, **subst):
 
 
 def manifests() -> dict[str, dict]:
-    return {"raycluster": load(KUBERAY / "raycluster.yaml"), "rayservice": load(KUBERAY / "rayservice.yaml"),
-            "rayjob": load(KUBERAY / "rayjob.yaml", RECIPE="recon-stage2-448", PRESET="unilip-3b", WORKERS="4")}  # fmt: skip
+    return {
+        "raycluster": load(KUBERAY / "raycluster.yaml"),
+        "rayservice": load(KUBERAY / "rayservice.yaml"),
+        "rayjob": load(KUBERAY / "rayjob.yaml", RECIPE="recon-stage2-448", PRESET="unilip-3b", WORKERS="4"),
+    }
 
 
 # ------------------------------------------------------------------------- Kubernetes
@@ -83,12 +88,18 @@ def operator_errors(doc: dict, cluster_name: str = "unilip") -> list[str]:
         for c in template["spec"]["containers"]:
             res = c.get("resources", {})
             for kind_, values in res.items():
-                errors += [f"{kind} {where}: {kind_}.{k} {v!r} is not a quantity" for k, v in values.items() if not QUANTITY.match(str(v))]
+                errors += [
+                    f"{kind} {where}: {kind_}.{k} {v!r} is not a quantity"
+                    for k, v in values.items()
+                    if not QUANTITY.match(str(v))
+                ]
             for key in set(res.get("requests", {})) | set(res.get("limits", {})):
                 if "/" in key and res.get("requests", {}).get(key) != res.get("limits", {}).get(key):
                     errors.append(f"{kind} {where}: extended resource {key} needs requests equal to limits")
             for port in c.get("ports", []):
-                if "name" in port and not (len(port["name"]) <= 15 and re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", port["name"])):
+                if "name" in port and not (
+                    len(port["name"]) <= 15 and re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", port["name"])
+                ):
                     errors.append(f"{kind} {where}: port name {port['name']!r} is not an IANA service name")
     return errors
 
@@ -128,8 +139,12 @@ def test_the_checks_fail_on_planted_mistakes():
     assert "at most 47 characters" in operator_errors(long_name)[0]
     gpu = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
     assert gpu["limits"]["nvidia.com/gpu"] == gpu["requests"]["nvidia.com/gpu"]
-    unequal = planted(cluster, lambda d: d["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
-                      ["requests"].__setitem__("nvidia.com/gpu", "4"))  # fmt: skip
+    unequal = planted(
+        cluster,
+        lambda d: d["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"][
+            "requests"
+        ].__setitem__("nvidia.com/gpu", "4"),
+    )
     assert "needs requests equal to limits" in operator_errors(unequal)[0]
     port = planted(cluster, lambda d: head(d)["ports"][0].__setitem__("name", "gcs-server-port-x"))
     assert "not an IANA service name" in operator_errors(port)[0]
@@ -194,8 +209,17 @@ def policy_errors(policy: dict, needs: set[str]) -> list[str]:
     return errors + [f"missing {a}" for a in sorted(needs - allowed)]
 
 
-HEAD_NEEDS = {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags", "ec2:DescribeInstances", "iam:PassRole",
-              "ssm:GetParameters", "s3:GetObject", "s3:PutObject", "s3:ListBucket"}  # fmt: skip
+HEAD_NEEDS = {
+    "ec2:RunInstances",
+    "ec2:TerminateInstances",
+    "ec2:CreateTags",
+    "ec2:DescribeInstances",
+    "iam:PassRole",
+    "ssm:GetParameters",
+    "s3:GetObject",
+    "s3:PutObject",
+    "s3:ListBucket",
+}
 WORKER_NEEDS = {"s3:GetObject", "s3:PutObject", "s3:ListBucket"}
 
 
@@ -204,12 +228,16 @@ def test_aws_launcher_config_passes_ray_s_validators_and_the_cuda_and_iam_rules(
     assert launcher_errors(config) == [] and launcher_rules(config) == []
     head_policy, worker_policy = (json.loads((AWS / f"iam-{k}-policy.json").read_text()) for k in ("head", "worker"))
     assert policy_errors(head_policy, HEAD_NEEDS) == [] and policy_errors(worker_policy, WORKER_NEEDS) == []
-    assert not any(a.startswith(("ec2:", "iam:")) for st in worker_policy["Statement"] for a in st["Action"])  # workers: S3 only
+    assert not any(
+        a.startswith(("ec2:", "iam:")) for st in worker_policy["Statement"] for a in st["Action"]
+    )  # workers: S3 only
     # planted mistakes
     typo = planted(config, lambda c: c["available_node_types"]["a100"].__setitem__("min_worker", 1))
     assert any("min_worker" in e for e in launcher_errors(typo))
     no_ami = planted(config, lambda c: c["available_node_types"]["a100"]["node_config"].pop("ImageId"))
-    assert launcher_rules(no_ami) == ["a100: no ImageId of a driver >= 580 AMI (Ray would fall back to its Ubuntu 18.04 DLAMI)"]
+    assert launcher_rules(no_ami) == [
+        "a100: no ImageId of a driver >= 580 AMI (Ray would fall back to its Ubuntu 18.04 DLAMI)"
+    ]
     s3_only_head = planted(head_policy, lambda p: p.__setitem__("Statement", p["Statement"][:3]))
     assert "missing iam:PassRole" in policy_errors(s3_only_head, HEAD_NEEDS)
 
@@ -220,7 +248,9 @@ def test_the_image_puts_its_venv_first_for_the_launcher_s_login_shells():
     # after the base image's conda lines there, not only in ENV PATH
     assert re.search(r"echo 'export PATH=/home/ray/venv/bin:\$PATH.*' >> /home/ray/\.bashrc", dockerfile)
     lines = dockerfile.splitlines()
-    assert lines.index("RUN mkdir -p /home/ray/unilip") < lines.index("WORKDIR /home/ray/unilip")  # ray owns it, any builder
+    assert lines.index("RUN mkdir -p /home/ray/unilip") < lines.index(
+        "WORKDIR /home/ray/unilip"
+    )  # ray owns it, any builder
     assert "580.65.06" in dockerfile and "cu130" in dockerfile  # the CUDA story says what it needs
 
 
@@ -246,8 +276,11 @@ def test_serve_configs_pass_ray_s_schema_and_unknown_keys_are_refused(tmp_path):
     ServeDeploySchema.model_validate(bad)  # what Ray's schema alone lets through
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(bad))
-    with pytest.raises(ConfigError, match=r"unknown Ray Serve config key\(s\) applications\.0\.deployments\.0\.autoscaling_config"
-                                          r"\.max_replica, applications\.0\.deployments\.0\.max_ongoing_request"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown Ray Serve config key\(s\) applications\.0\.deployments\.0\.autoscaling_config"
+        r"\.max_replica, applications\.0\.deployments\.0\.max_ongoing_request",
+    ):
         load_config(path)
 
 

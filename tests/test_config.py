@@ -1,8 +1,8 @@
 import pytest
 
-from jobs.recipes import load_recipe, recipe_names
-from unilip.config import ConfigError, Recipe, S3Config, apply_overrides, from_dict, load_yaml
+from jobs.training.recipes import load_recipe, recipe_names
 from tests.conftest import run_cli
+from unilip.config import ConfigError, Recipe, S3Config, apply_overrides, from_dict, load_yaml
 
 PAPER = {  # steps, global batch, lr, training image size (UNILIP_FACTS.md; gen stage 1: DC-AE's 512 px)
     "recon-stage1": (300_000, 64, 1e-4, 224),
@@ -37,15 +37,27 @@ def test_all_six_recipes_load_with_the_paper_values():
     edit = {s.name: s.multiplier for s in load_recipe("gen-stage2").data.sources}
     assert edit["gpt-image-edit"] == 10.0
     stage3 = {s.name: (s.task, s.multiplier) for s in load_recipe("gen-stage3").data.sources}
-    assert stage3 == {"blip3o-60k": ("generation", 1.0), "sharegpt-4o-t2i": ("generation", 1.0),
-                      "sharegpt-4o-image": ("editing", 3.0)}  # fmt: skip
+    assert stage3 == {
+        "blip3o-60k": ("generation", 1.0),
+        "sharegpt-4o-t2i": ("generation", 1.0),
+        "sharegpt-4o-image": ("editing", 3.0),
+    }
     assert "dit" not in load_recipe("gen-stage1").train.trainable
     assert "dit" in load_recipe("gen-stage2").train.trainable
 
 
 def test_overrides_are_typed():
-    r = load_recipe("gen-stage2", ["train.lr=2e-4", "train.steps=10", "model.condition=queries",
-                                   "data.sources.3.multiplier=5", "loss.gan_start_step=null", "data.batch_mode=mixed"])
+    r = load_recipe(
+        "gen-stage2",
+        [
+            "train.lr=2e-4",
+            "train.steps=10",
+            "model.condition=queries",
+            "data.sources.3.multiplier=5",
+            "loss.gan_start_step=null",
+            "data.batch_mode=mixed",
+        ],
+    )
     assert r.train.lr == 2e-4 and isinstance(r.train.lr, float)
     assert r.train.steps == 10 and r.model.condition == "queries"
     assert r.data.sources[3].multiplier == 5.0 and r.data.batch_mode == "mixed"
@@ -99,9 +111,12 @@ def test_cli_recipe_show_and_bad_key():
 
 
 def test_zero3_with_two_tasks_needs_lockstep_batches():
-    from jobs.train import prepare
+    from jobs.training.train import prepare
 
     with pytest.raises(ConfigError, match="needs data.batch_mode lockstep"):
         prepare("gen-stage2", "unilip-1b", ["train.zero_stage=3"])
-    assert prepare("gen-stage2", "unilip-1b", ["train.zero_stage=3", "data.batch_mode=lockstep"]).data.batch_mode == "lockstep"
+    assert (
+        prepare("gen-stage2", "unilip-1b", ["train.zero_stage=3", "data.batch_mode=lockstep"]).data.batch_mode
+        == "lockstep"
+    )
     assert prepare("gen-stage1", "unilip-1b", ["train.zero_stage=3"]).train.zero_stage == 3  # one task: any mode

@@ -19,7 +19,9 @@ def _png(path, color):
 
 
 def _keys(uri, task, s3):
-    return [k for b in source_dataset(uri, task, s3, 56).iter_batches(batch_size=8, batch_format="numpy") for k in b["key"]]
+    return [
+        k for b in source_dataset(uri, task, s3, 56).iter_batches(batch_size=8, batch_format="numpy") for k in b["key"]
+    ]
 
 
 def test_gpt_image_edit_layout(tmp_path, ray_session):
@@ -28,8 +30,15 @@ def test_gpt_image_edit_layout(tmp_path, ray_session):
     for i in range(7):
         _png(src / "imgs" / f"in{i}.png", (i * 30, 10, 10))
         _png(src / "imgs" / f"out{i}.png", (10, i * 30, 10))
-        items.append({"image": [f"imgs/in{i}.png", f"imgs/out{i}.png"],
-                      "conversations": [{"from": "human", "value": f"<image>\nMake it green {i}."}, {"from": "gpt", "value": ""}]})
+        items.append(
+            {
+                "image": [f"imgs/in{i}.png", f"imgs/out{i}.png"],
+                "conversations": [
+                    {"from": "human", "value": f"<image>\nMake it green {i}."},
+                    {"from": "gpt", "value": ""},
+                ],
+            }
+        )
     items.append({"image": ["imgs/in0.png", "imgs/in1.png", "imgs/out2.png"], "conversations": [{"value": "multi"}]})
     items.append({"image": ["imgs/missing.png", "imgs/out1.png"], "conversations": [{"value": "gone"}]})
     (src / "hqedit.json").write_text(json.dumps(items))
@@ -60,7 +69,9 @@ def test_sharegpt_4o_layout_both_files(tmp_path, ray_session, stack, s3):
         t2i.append({"input_prompt": f"A red square number {i}", "output_image": f"out/g{i}.png"})
     for i in range(3):
         _png(src / "in" / f"e{i}.png", (0, 0, 200))
-        ti2i.append({"input_prompt": f"Turn it red {i}", "input_image": [f"in/e{i}.png"], "output_image": f"out/g{i}.png"})
+        ti2i.append(
+            {"input_prompt": f"Turn it red {i}", "input_image": [f"in/e{i}.png"], "output_image": f"out/g{i}.png"}
+        )
     ti2i.append({"input_prompt": "two inputs", "input_image": ["in/e0.png", "in/e1.png"], "output_image": "out/g0.png"})
     (src / "text_to_image.json").write_text(json.dumps(t2i))
     (src / "text_and_image_to_image.json").write_text(json.dumps(ti2i))
@@ -98,7 +109,12 @@ def _gpt_image_edit_fixture(src, n=3):
     for i in range(n):
         _png(src / "imgs" / f"in{i}.png", (i * 30, 10, 10))
         _png(src / "imgs" / f"out{i}.png", (10, i * 30, 10))
-        items.append({"image": [f"imgs/in{i}.png", f"imgs/out{i}.png"], "conversations": [{"value": f"<image>\nMake it green {i}."}]})
+        items.append(
+            {
+                "image": [f"imgs/in{i}.png", f"imgs/out{i}.png"],
+                "conversations": [{"value": f"<image>\nMake it green {i}."}],
+            }
+        )
     (src / "hqedit.json").write_text(json.dumps(items))
 
 
@@ -108,7 +124,9 @@ def _sharegpt_fixture(src, n=3):
         _png(src / "out" / f"g{i}.png", (200, 20 * i, 0))
         _png(src / "in" / f"e{i}.png", (0, 0, 200))
         t2i.append({"input_prompt": f"A red square number {i}", "output_image": f"out/g{i}.png"})
-        ti2i.append({"input_prompt": f"Turn it red {i}", "input_image": [f"in/e{i}.png"], "output_image": f"out/g{i}.png"})
+        ti2i.append(
+            {"input_prompt": f"Turn it red {i}", "input_image": [f"in/e{i}.png"], "output_image": f"out/g{i}.png"}
+        )
     (src / "text_to_image.json").write_text(json.dumps(t2i))
     (src / "text_and_image_to_image.json").write_text(json.dumps(ti2i))
 
@@ -116,8 +134,8 @@ def _sharegpt_fixture(src, n=3):
 def test_every_recipe_plans_against_what_the_converters_write(tmp_path, stack, s3, ray_session):
     """The published layouts converted into the bucket the full recipes name; then every
     recipe's sources and eval set are planned from the manifests the converters wrote."""
-    from jobs.recipes import load_recipe, recipe_names
-    from pipelines.ingest import plan_sources
+    from jobs.training.recipes import load_recipe, recipe_names
+    from pipelines.ingest import source_specs
     from pipelines.shards import read_manifest
 
     s3.ensure_bucket("unilip-data")
@@ -126,17 +144,22 @@ def test_every_recipe_plans_against_what_the_converters_write(tmp_path, stack, s
     for out in ("blip3o/pretrain-long", "blip3o/pretrain-short", "blip3o/journeydb", "blip3o/sft-60k", "imagenet/val"):
         convert("wds", str(tmp_path / "tars" / "generation"), join(data, out), s3, log=lambda m: None)
     _gpt_image_edit_fixture(tmp_path / "gpt-image-edit")
-    convert("gpt-image-edit", str(tmp_path / "gpt-image-edit"), join(data, "gpt-image-edit-1.5m"), s3, log=lambda m: None)
+    convert(
+        "gpt-image-edit", str(tmp_path / "gpt-image-edit"), join(data, "gpt-image-edit-1.5m"), s3, log=lambda m: None
+    )
     _sharegpt_fixture(tmp_path / "sharegpt")
     convert("sharegpt-4o", str(tmp_path / "sharegpt"), join(data, "sharegpt-4o-image"), s3, log=lambda m: None)
     for name in recipe_names():
         recipe = load_recipe(name)
-        plan = plan_sources(recipe.data, s3)  # reads every manifest and checks its task
+        plan = source_specs(recipe.data, s3)  # reads every manifest and checks its task
         assert set(plan) == {s.name for s in recipe.data.sources} and all(p.samples > 0 for p in plan.values()), name
         assert read_manifest(recipe.data.eval_uri, s3).task == "generation", name
-    stage3 = plan_sources(load_recipe("gen-stage3").data, s3)
-    assert {n: p.task for n, p in stage3.items()} == {"blip3o-60k": "generation", "sharegpt-4o-t2i": "generation",
-                                                      "sharegpt-4o-image": "editing"}  # fmt: skip
+    stage3 = source_specs(load_recipe("gen-stage3").data, s3)
+    assert {n: p.task for n, p in stage3.items()} == {
+        "blip3o-60k": "generation",
+        "sharegpt-4o-t2i": "generation",
+        "sharegpt-4o-image": "editing",
+    }
 
 
 def test_wds_conversion_keeps_only_what_training_uses_and_counts_it_as_training_does(tmp_path, ray_session):

@@ -15,14 +15,15 @@ from PIL import Image
 
 from pipelines.decode import frame, sample_rng, skip_counter
 from pipelines.ingest import build_sources, worker_mixer
-from pipelines.mix import MixSource, ReadAhead, StepPlan, TaskMixer, collate, effective_weights, prepared
+from pipelines.mix import MixSource, ReadAhead, StepSchedule, TaskMixer, collate, effective_weights, prepared
 from pipelines.order import Order
 from pipelines.position import Intervals
 from pipelines.read import configure_data_context, raw_dataset, source_dataset
-from pipelines.sample_data import build_sample_dataset, generation_sample, editing_sample
+from pipelines.sample_data import build_sample_dataset, editing_sample, generation_sample
 from pipelines.shards import Manifest, ShardInfo, ShardWriter, join
 from tests.conftest import run_cli
 from unilip.config import DataConfig, SourceConfig
+from unilip.errors import UserError
 from unilip.s3 import s3_access
 
 
@@ -46,7 +47,10 @@ def test_bad_samples_are_skipped_counted_and_good_ones_delivered_once(stack, s3,
     base = f"s3://{stack.bucket}/bad-data"
     good_gen, good_edit = [], []
     planted_gen = {
-        "bad_image": [{"jpg": b"this is not a jpeg", "txt": b"a cat"}, {"jpg": _jpeg((256, 256))[:400], "txt": b"a cut"}],
+        "bad_image": [
+            {"jpg": b"this is not a jpeg", "txt": b"a cat"},
+            {"jpg": _jpeg((256, 256))[:400], "txt": b"a cut"},
+        ],
         "missing_text": [{"jpg": _jpeg((128, 128))}],
         "empty_text": [{"jpg": _jpeg((128, 128)), "txt": b"  \n "}],
         "caption_too_long": [{"jpg": _jpeg((128, 128)), "txt": b"a very long caption " * 51}],  # 1,020 characters
@@ -57,7 +61,7 @@ def test_bad_samples_are_skipped_counted_and_good_ones_delivered_once(stack, s3,
     }
     with ShardWriter(join(base, "gen"), s3, "gen", "generation", shard_size=6) as w:
         i = 0
-        for reason, samples in planted_gen.items():
+        for _reason, samples in planted_gen.items():
             for members in samples:
                 w.write(f"bad{i:04d}", members)
                 w.write(f"good{i:04d}", {k: v for k, v in generation_sample(0, i, 96).items()})
@@ -68,7 +72,7 @@ def test_bad_samples_are_skipped_counted_and_good_ones_delivered_once(stack, s3,
         "missing_image": [{"input.jpg": _jpeg((96, 96)), "txt": b"Make it blue."}],
     }
     with ShardWriter(join(base, "edit"), s3, "edit", "editing", shard_size=5) as w:
-        for i, (reason, samples) in enumerate(planted_edit.items()):
+        for i, (_reason, samples) in enumerate(planted_edit.items()):
             w.write(f"bad{i:04d}", samples[0])
         for i in range(12):
             w.write(f"good{i:04d}", editing_sample(0, i, 96))
@@ -113,7 +117,9 @@ def test_decoded_pixels_match_a_reference_decode(stack, s3, ray_session):
         assert np.abs(row["image"].astype(float) - reference).mean() < 4.0  # draft-mode decode vs full decode
     # and the normalisation for InternVL on the worker side
     image = np.array(rows[0]["image"])
-    batch = collate({"key": np.array(["k"]), "prompt": np.array(["p"]), "task": np.array(["generation"]), "image": image[None]})
+    batch = collate(
+        {"key": np.array(["k"]), "prompt": np.array(["p"]), "task": np.array(["generation"]), "image": image[None]}
+    )
     px = batch["pixel_values"]
     assert px.shape == (1, 3, 448, 448)
     expected = (image / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
@@ -156,7 +162,11 @@ def test_every_epoch_and_seed_has_its_own_order_and_a_resume_keeps_it(stack, s3,
         ds = raw_dataset(gen, "generation", s3, order=order, source="gen", first_epoch=first_epoch, done=done)
         out = []
         for _ in range(n):  # each iteration is the next epoch
-            rows = [(u, int(i), int(e)) for b in ds.iter_batches(batch_format="numpy") for u, i, e in zip(b["url"], b["index"], b["epoch"])]
+            rows = [
+                (u, int(i), int(e))
+                for b in ds.iter_batches(batch_format="numpy")
+                for u, i, e in zip(b["url"], b["index"], b["epoch"])
+            ]
             out.append(rows)
         return out
 
@@ -190,7 +200,9 @@ def test_framing_squash_center_and_random_crop():
     assert min(lefts) < 5 and max(lefts) > 200  # crops range over the whole width
     half = Image.new("RGB", (100, 100))
     half.paste((255, 0, 0), (0, 0, 50, 100))  # square: only the flip varies
-    flipped = [np.asarray(frame(half, 56, "random_crop", np.random.default_rng(i)))[:, :28, 0].mean() < 100 for i in range(40)]
+    flipped = [
+        np.asarray(frame(half, 56, "random_crop", np.random.default_rng(i)))[:, :28, 0].mean() < 100 for i in range(40)
+    ]
     assert 5 < sum(flipped) < 35  # about half the draws flip
     for size in ((96, 72), (72, 96), (97, 96), (50, 333)):  # upscaling, and spans of a pixel or none
         for i in range(20):
@@ -206,9 +218,15 @@ def _fake_source(name, task, size, weight):
             images = {"image": np.zeros((len(keys), 2, 2, 3), np.uint8)}
             if task == "editing":
                 index = np.arange(start, start + len(keys))  # an input telling its row
-                images["source"] = np.broadcast_to((index % 251).astype(np.uint8)[:, None, None, None], (len(keys), 2, 2, 3))
-            yield {"key": keys, "prompt": keys, "url": np.array([name] * len(keys), dtype=object),
-                   "index": np.arange(start, start + len(keys))} | images  # fmt: skip
+                images["source"] = np.broadcast_to(
+                    (index % 251).astype(np.uint8)[:, None, None, None], (len(keys), 2, 2, 3)
+                )
+            yield {
+                "key": keys,
+                "prompt": keys,
+                "url": np.array([name] * len(keys), dtype=object),
+                "index": np.arange(start, start + len(keys)),
+            } | images
 
     return MixSource(name, task, weight, epoch)
 
@@ -216,14 +234,20 @@ def _fake_source(name, task, size, weight):
 @pytest.mark.parametrize(
     "sizes, multipliers",
     [
-        ({"long": 27_200_000, "short": 4_770_000, "journeydb": 4_280_000, "edit": 1_500_000}, {"edit": 10.0}),  # stage 2
+        (
+            {"long": 27_200_000, "short": 4_770_000, "journeydb": 4_280_000, "edit": 1_500_000},
+            {"edit": 10.0},
+        ),  # stage 2
         ({"sft-60k": 60_000, "sharegpt": 46_000}, {"sharegpt": 3.0}),  # stage 3
     ],
 )
 @pytest.mark.parametrize("mode", ["single_task", "lockstep", "mixed"])
 def test_realised_task_ratio_and_determinism(sizes, multipliers, mode):
     edit_names = {"edit", "sharegpt"}
-    cfgs = [SourceConfig(n, f"s3://b/{n}", "editing" if n in edit_names else "generation", multipliers.get(n, 1.0)) for n in sizes]
+    cfgs = [
+        SourceConfig(n, f"s3://b/{n}", "editing" if n in edit_names else "generation", multipliers.get(n, 1.0))
+        for n in sizes
+    ]
     weights = effective_weights(cfgs, sizes)
     target = sum(w for n, w in weights.items() if n in edit_names) / sum(weights.values())
 
@@ -255,9 +279,11 @@ def test_every_global_step_mixes_the_tasks_at_the_target_ratio(accumulation, mic
     # 16 workers, generation : editing = 2 : 1 (proportions), the release's batching: each
     # worker's micro batch is one task, ranks draw different tasks
     world = 16
-    sources = [MixSource(n, t, w, None) for n, t, w in (("long", "generation", 0.4), ("short", "generation", 0.2667),
-                                                         ("edit", "editing", 0.3333))]  # fmt: skip
-    plan = StepPlan(sources, micro, world, accumulation, "single_task", seed=0)
+    sources = [
+        MixSource(n, t, w, None)
+        for n, t, w in (("long", "generation", 0.4), ("short", "generation", 0.2667), ("edit", "editing", 0.3333))
+    ]
+    plan = StepSchedule(sources, micro, world, accumulation, "single_task", seed=0)
     slots = world * accumulation
     share = {"generation": 0.6667, "editing": 0.3333}
     rows = np.zeros((world, len(sources)), dtype=int)
@@ -282,7 +308,7 @@ def test_every_global_step_mixes_the_tasks_at_the_target_ratio(accumulation, mic
     assert abs(served["editing"] / sum(served.values()) - 0.3333) < 0.02
     assert {plan.task_of[next(iter(slot))] for slot in step[0]} == set(share)  # one global step holds both tasks
     # the same seed gives every worker the same plan
-    again = StepPlan(sources, micro, world, accumulation, "single_task", seed=0)
+    again = StepSchedule(sources, micro, world, accumulation, "single_task", seed=0)
     again.load_state(json.loads(json.dumps(plan.state())))
     assert again.next_step() == plan.next_step()
 
@@ -290,7 +316,7 @@ def test_every_global_step_mixes_the_tasks_at_the_target_ratio(accumulation, mic
 def test_proportions_and_multipliers_do_not_mix():
     cfgs = [SourceConfig("a", "s3://b/a", proportion=0.6), SourceConfig("b", "s3://b/b", proportion=0.4)]
     assert effective_weights(cfgs, {"a": 10, "b": 1000}) == {"a": 0.6, "b": 0.4}  # size does not matter
-    with pytest.raises(ValueError, match="give every source a proportion, or none: c has none"):
+    with pytest.raises(UserError, match="give every source a proportion, or none: c has none"):
         effective_weights([*cfgs, SourceConfig("c", "s3://b/c")], {"a": 1, "b": 1, "c": 1})
 
 
@@ -300,10 +326,13 @@ def test_two_workers_mixing_tasks_cross_many_epochs_without_deadlock(stack, s3, 
     again and again. Nothing hangs, and every epoch of every source is seen exactly once."""
     uri = f"s3://{stack.bucket}/ingest"
     build_sample_dataset(uri, s3, 40, 12, shard_size=4, size=96, log=lambda m: None)
-    cfg = DataConfig(resolution=56, sources=[
-        SourceConfig("gen", join(uri, "generation"), "generation", 1.0),
-        SourceConfig("edit", join(uri, "editing"), "editing", 3.0),
-    ])  # fmt: skip
+    cfg = DataConfig(
+        resolution=56,
+        sources=[
+            SourceConfig("gen", join(uri, "generation"), "generation", 1.0),
+            SourceConfig("edit", join(uri, "editing"), "editing", 3.0),
+        ],
+    )
     sources = build_sources(cfg, s3)
     assert sources.ratios()["editing"] == pytest.approx(36 / 76)
     splits = {name: ds.streaming_split(2, equal=True) for name, ds in sources.datasets.items()}
@@ -317,8 +346,15 @@ def test_two_workers_mixing_tasks_cross_many_epochs_without_deadlock(stack, s3, 
         import torch.distributed as dist
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-        mixer = worker_mixer(sources.plan, {n: s[rank] for n, s in splits.items()}, batch_size=2, mode="single_task",
-                             seed=3, rank=rank, world=2)  # fmt: skip
+        mixer = worker_mixer(
+            sources.specs,
+            {n: s[rank] for n, s in splits.items()},
+            batch_size=2,
+            mode="single_task",
+            seed=3,
+            rank=rank,
+            world=2,
+        )
         seen = []
         for _ in range(steps):
             b = mixer.next_batch()
@@ -350,10 +386,12 @@ def test_the_worker_shuffle_buffer_reorders_each_epoch_and_keeps_every_sample_on
 
     def keys(local_shuffle, steps=8):  # two epochs of 16 samples
         split = sources.datasets["gen"].streaming_split(1, equal=True)[0]
-        mixer = worker_mixer(sources.plan, {"gen": split}, batch_size=4, mode="single_task", seed=3, local_shuffle=local_shuffle)
+        mixer = worker_mixer(
+            sources.specs, {"gen": split}, batch_size=4, mode="single_task", seed=3, local_shuffle=local_shuffle
+        )
         batches = [mixer.next_batch() for _ in range(steps)]
         mixer.close()
-        return [[k for b in batches[e * 4:(e + 1) * 4] for k in b["key"]] for e in (0, 1)]
+        return [[k for b in batches[e * 4 : (e + 1) * 4] for k in b["key"]] for e in (0, 1)]
 
     plain, shuffled = keys(0), keys(8)
     assert all(sorted(epoch) == sorted(plain[0]) and len(set(epoch)) == 16 for epoch in plain + shuffled)
@@ -381,7 +419,7 @@ def test_blocks_reach_the_mixer_without_a_copy(stack, s3, ray_session):
 
     def delivered(**kw):  # the array Ray Data handed the mixer for the rows it just took
         split = sources.datasets["gen"].streaming_split(1, equal=True)[0]
-        mixer = worker_mixer(sources.plan, {"gen": split}, batch_size=4, mode="single_task", seed=3, **kw)
+        mixer = worker_mixer(sources.specs, {"gen": split}, batch_size=4, mode="single_task", seed=3, **kw)
         batch = mixer.next_batch()
         block = mixer.cursors["gen"]._batch["image"]
         mixer.close()
@@ -402,7 +440,9 @@ def test_storage_outage_mid_stream_loses_nothing(stack, s3, ray_session):
     # shards are still unread when the server goes down.
     limits = ray_session.data.DataContext.get_current().execution_options.resource_limits
     saved_limit = limits.object_store_memory
-    ray_session.data.DataContext.get_current().execution_options.resource_limits = limits.copy(object_store_memory=300_000)
+    ray_session.data.DataContext.get_current().execution_options.resource_limits = limits.copy(
+        object_store_memory=300_000
+    )
     port = stack.services()["s3"].port
     keys, events = [], []
 
@@ -426,7 +466,9 @@ def test_storage_outage_mid_stream_loses_nothing(stack, s3, ray_session):
             fault.start()
             time.sleep(0.5)
     fault.join()
-    ray_session.data.DataContext.get_current().execution_options.resource_limits = limits.copy(object_store_memory=saved_limit)
+    ray_session.data.DataContext.get_current().execution_options.resource_limits = limits.copy(
+        object_store_memory=saved_limit
+    )
     assert events == ["down", "up"]
     assert sorted(keys) == [f"gen{i:08d}" for i in range(48)]  # nothing lost, nothing twice
     # reads were still under way: batches kept arriving after the server came back
@@ -435,9 +477,14 @@ def test_storage_outage_mid_stream_loses_nothing(stack, s3, ray_session):
 
 def test_the_trainer_refuses_rows_of_another_epoch_than_its_own():
     def batches(epoch):  # a datasource that restarts at epoch 0 whatever the trainer expects
-        yield {"key": np.array(["a", "b"], dtype=object), "prompt": np.array(["p", "p"], dtype=object),
-               "image": np.zeros((2, 2, 2, 3), np.uint8), "url": np.array(["u", "u"], dtype=object),
-               "index": np.arange(2), "epoch": np.zeros(2, np.int64)}  # fmt: skip
+        yield {
+            "key": np.array(["a", "b"], dtype=object),
+            "prompt": np.array(["p", "p"], dtype=object),
+            "image": np.zeros((2, 2, 2, 3), np.uint8),
+            "url": np.array(["u", "u"], dtype=object),
+            "index": np.arange(2),
+            "epoch": np.zeros(2, np.int64),
+        }
 
     mixer = TaskMixer([MixSource("gen", "generation", 1.0, batches)], 2)
     assert list(mixer.next_batch()["key"]) == ["a", "b"]  # epoch 0: as expected
@@ -449,6 +496,7 @@ def test_prepared_micro_batches_carry_the_state_of_the_step_they_end():
     """Micro batches made ahead in a thread are the ones made in the caller, and each step's
     last one carries the plan's state after that step (what a checkpoint after it saves),
     while the mixer's own state has run ahead."""
+
     def sources():  # each read ahead in a thread of its own too
         out = [_fake_source("gen", "generation", 120, 2.0), _fake_source("edit", "editing", 30, 1.0)]
         for source in out:
@@ -498,7 +546,7 @@ def test_read_ahead_holds_rows_not_batches():
 
 def test_data_bench_times_both_orders_side_by_side(tmp_path):
     build_sample_dataset(str(tmp_path), s3_access(), 24, 0, shard_size=2, size=96, log=lambda m: None)
-    r = run_cli("data", "bench", "--src", str(tmp_path / "generation"), "--resolution", "56")
+    r = run_cli("bench", "data", "--src", str(tmp_path / "generation"), "--resolution", "56")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "24 images at 56 px" in r.stdout
     ratios = r.stdout.split("shuffled / manifest order:")[1].split("x")[0]
@@ -507,8 +555,21 @@ def test_data_bench_times_both_orders_side_by_side(tmp_path):
 
 def test_data_bench_ingest_runs_the_workers_path_before_and_after(tmp_path):
     build_sample_dataset(str(tmp_path), s3_access(), 24, 0, shard_size=4, size=96, log=lambda m: None)
-    r = run_cli("data", "bench", "--ingest", "--src", str(tmp_path / "generation"), "--resolution", "56", "--micro-batch", "4",
-                "--steps", "4", "--step-s", "0.05")  # fmt: skip
+    r = run_cli(
+        "bench",
+        "data",
+        "--ingest",
+        "--src",
+        str(tmp_path / "generation"),
+        "--resolution",
+        "56",
+        "--micro-batch",
+        "4",
+        "--steps",
+        "4",
+        "--step-s",
+        "0.05",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "24 generation rows decoded to 56 px" in r.stdout, r.stdout
     for path in ("re-batched, on the step's path:", "whole blocks, prepared ahead:"):
@@ -516,5 +577,5 @@ def test_data_bench_ingest_runs_the_workers_path_before_and_after(tmp_path):
         figures = [float(line.split("consumer CPU")[1].split("ms/image")[0]) for line in block]
         assert len(figures) == 2 and all(f > 0 for f in figures), r.stdout
     assert "consumer CPU" in r.stdout.splitlines()[-1] and "x less" in r.stdout.splitlines()[-1]
-    bad = run_cli("data", "bench", "--ingest", "--src", str(tmp_path / "generation"), "--micro-batch", "0")
+    bad = run_cli("bench", "data", "--ingest", "--src", str(tmp_path / "generation"), "--micro-batch", "0")
     assert bad.returncode == 2 and "--micro-batch" in bad.stderr

@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from cluster.local import LocalStack
@@ -14,10 +15,27 @@ from tests.conftest import run_cli
 SHORT = ("recon-stage1", "gen-stage2")  # one stage of each kind; the second trains on generation and editing
 
 
+@pytest.mark.stack
 def test_demo_end_to_end_leaves_nothing_running(tmp_path):
     results = tmp_path / "results"
-    r = run_cli("demo", "--stages", ",".join(SHORT), "--steps", "2", "--workers", "1", "--gen", "16", "--edit", "8",
-                "--size", "96", "--results", str(results), timeout=1200)  # fmt: skip
+    r = run_cli(
+        "demo",
+        "--stages",
+        ",".join(SHORT),
+        "--steps",
+        "2",
+        "--workers",
+        "1",
+        "--gen",
+        "16",
+        "--edit",
+        "8",
+        "--size",
+        "96",
+        "--results",
+        str(results),
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     for n in range(1, 8):
         assert f"== [{n}/7]" in r.stdout
@@ -63,10 +81,12 @@ def test_demo_end_to_end_leaves_nothing_running(tmp_path):
 
 
 def test_demo_refuses_stages_it_cannot_serve():
-    for stages, message in (("recon-stage1,nope", "--stages takes recipes from"),
-                            ("gen-stage2,recon-stage1", "training order"),
-                            ("recon-stage1,recon-stage2", "must end with a generation stage"),
-                            ("gen-stage2", "must start with recon-stage1: gen-stage2 starts from gen-stage1's export")):  # fmt: skip
+    for stages, message in (
+        ("recon-stage1,nope", "--stages takes recipes from"),
+        ("gen-stage2,recon-stage1", "training order"),
+        ("recon-stage1,recon-stage2", "must end with a generation stage"),
+        ("gen-stage2", "must start with recon-stage1: gen-stage2 starts from gen-stage1's export"),
+    ):
         r = run_cli("demo", "--stages", stages)
         assert r.returncode == 2 and message in r.stderr, r.stderr
     assert STAGES == ("recon-stage1", "recon-stage2", "gen-stage1", "gen-stage2", "gen-stage3")
@@ -74,9 +94,14 @@ def test_demo_refuses_stages_it_cannot_serve():
 
 def test_learning_curves_have_one_panel_per_stage_and_the_right_metrics(tmp_path):
     curves = stage_curves(("recon-stage1", "gen-stage2"))
-    assert curves == {"recon-stage1": (("train/mse", "train/lpips"), "MSE + LPIPS"),
-                      "gen-stage2": (("train/loss",), "flow-matching loss")}  # fmt: skip
-    histories = {"recon-stage1": [(i, 1 / i) for i in range(1, 13)], "gen-stage2": [(i, 2 - i / 10) for i in range(1, 13)]}
+    assert curves == {
+        "recon-stage1": (("train/mse", "train/lpips"), "MSE + LPIPS"),
+        "gen-stage2": (("train/loss",), "flow-matching loss"),
+    }
+    histories = {
+        "recon-stage1": [(i, 1 / i) for i in range(1, 13)],
+        "gen-stage2": [(i, 2 - i / 10) for i in range(1, 13)],
+    }
     plot_losses(histories, curves, tmp_path / "curves.png")
     with Image.open(tmp_path / "curves.png") as im:
         assert im.size == (800, 320)  # two 4 x 3.2 inch panels at 100 dpi

@@ -20,7 +20,10 @@ def test_no_cuda_packages_installed():
 
 def test_torchvision_hook_costs_nothing_at_startup():
     # the hook is installed, but torch is not imported until torchvision is
-    assert _python("import sys; print('torch' in sys.modules, '_unilip_torchvision_compat' in sys.modules)") == "False True"
+    assert (
+        _python("import sys; print('torch' in sys.modules, '_unilip_torchvision_compat' in sys.modules)")
+        == "False True"
+    )
 
 
 def test_torchvision_and_lpips_import():

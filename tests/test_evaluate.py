@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.evaluate import psnr_ssim
-from jobs.fid import FIDFeatures, frechet_distance, inception_network
+from jobs.evaluation.fid import FIDFeatures, inception_network
+from jobs.evaluation.metrics import frechet_distance, psnr_ssim
+from unilip.errors import UserError
 
 
 def test_psnr_is_the_standard_definition_with_data_range_255():
@@ -29,7 +30,7 @@ def test_frechet_distance_matches_the_closed_form():
     expected = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.sum(va + vb - 2 * np.sqrt(va * vb))
     assert frechet_distance(a, b) == pytest.approx(expected, rel=0.02)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(ValueError, match="at least 2 images"):
+    with pytest.raises(UserError, match="at least 2 images"):
         frechet_distance(a[:1], b)
 
 
@@ -44,5 +45,5 @@ def test_fid_features_load_configured_weights(tmp_path):
     out = features(images, batch_size=2)
     assert out.shape == (3, 2048) and np.isfinite(out).all()
     np.testing.assert_allclose(features(images[:1]), out[:1], rtol=1e-5, atol=1e-8)  # batching does not change a row
-    with pytest.raises(ValueError, match="do not exist"):
+    with pytest.raises(UserError, match="do not exist"):
         FIDFeatures(tmp_path / "missing.pth")

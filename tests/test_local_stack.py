@@ -3,6 +3,7 @@ import time
 
 import mlflow
 import numpy as np
+import pytest
 
 from cluster.connect import init_ray
 from cluster.local import SERVICES, LocalStack, pid_alive
@@ -63,6 +64,7 @@ def test_cli_help_lists_subcommands():
         assert sub in r.stdout
 
 
+@pytest.mark.stack
 def test_cli_local_up_status_down_leaves_nothing(tmp_path):
     home = str(tmp_path / "home")
     up = run_cli("local", "up", "--home", home, "--bucket", "cli-bucket")

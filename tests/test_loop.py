@@ -1,5 +1,5 @@
 """The training loop's host side: nothing in a step reads the device, and the logged
-values are the interval's means (`jobs.loop.IntervalMeans`)."""
+values are the interval's means (`jobs.training.loop.IntervalMeans`)."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cluster.local import free_port
-from jobs.loop import IntervalMeans
+from jobs.training.loop import IntervalMeans
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,22 +37,40 @@ def host_reads_of_one_step(recipe_name: str) -> list[str]:
     import numpy as np
 
     from jobs import loop
-    from jobs.optim import deepspeed_config
-    from jobs.train import prepare
+    from jobs.training.optim import deepspeed_config
+    from jobs.training.train import prepare
     from pipelines.mix import collate
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                      UNILIP_BUCKET="unused")  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=os.environ["PORT"],
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        UNILIP_BUCKET="unused",
+    )
     deepspeed.init_distributed(dist_backend="gloo")
     recipe = prepare(recipe_name, "tiny", ["train.global_batch=2", "loss.gan_start_step=0"])
     stage = loop.build_stage(recipe, None, None, torch.device("cpu"))
-    engine, *_ = deepspeed.initialize(model=stage.net, optimizer=stage.optimizer, config=deepspeed_config(recipe.train, 1))
+    engine, *_ = deepspeed.initialize(
+        model=stage.net, optimizer=stage.optimizer, config=deepspeed_config(recipe.train, 1)
+    )
     res = recipe.data.resolution
     image = np.random.default_rng(0).integers(0, 255, (1, res, res, 3), dtype=np.uint8)
-    raw = {"key": np.array(["k"]), "prompt": np.array(["A cat."], dtype=object), "task": np.array(["generation"], dtype=object),
-           "image": image, "source": np.zeros_like(image)}  # fmt: skip
+    raw = {
+        "key": np.array(["k"]),
+        "prompt": np.array(["A cat."], dtype=object),
+        "task": np.array(["generation"], dtype=object),
+        "image": image,
+        "source": np.zeros_like(image),
+    }
     rng, generator = random.Random(0), torch.Generator().manual_seed(0)
-    step = lambda i: loop.optimizer_step(engine, stage, [collate(raw), collate(raw)], i, recipe, 1, rng, generator, torch.device("cpu"))  # noqa: E731
+
+    def step(i):
+        return loop.optimizer_step(
+            engine, stage, [collate(raw), collate(raw)], i, recipe, 1, rng, generator, torch.device("cpu")
+        )
+
     step(0)  # first-step set-up out of the way
     ours, originals = [], {n: getattr(torch.Tensor, n) for n in ("item", "__float__", "tolist", "__bool__")}
 
@@ -80,7 +98,13 @@ def host_reads_of_one_step(recipe_name: str) -> list[str]:
 def test_an_optimizer_step_reads_nothing_to_the_host(recipe):
     # its own process: DeepSpeed's process group is global state
     code = f"from tests.test_loop import host_reads_of_one_step as f; print('HOST READS', f({recipe!r}))"
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PORT": str(free_port())})  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PORT": str(free_port())},
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "HOST READS []" in r.stdout, r.stdout[-3000:]

@@ -8,6 +8,7 @@ from torch import nn
 
 from unilip.config import LossConfig
 from unilip.encoder import IMAGENET_MEAN, IMAGENET_STD
+from unilip.errors import UserError
 from unilip.losses import ConvNeXtLogits, NLayerDiscriminator, ReconstructionLoss, build_lpips
 
 
@@ -33,7 +34,7 @@ def test_nlayer_discriminator_gives_a_16x16_logit_map():
     assert d(torch.randn(2, 3, 224, 224)).shape == (2, 1, 16, 16)
     assert d(torch.randn(1, 3, 448, 448)).shape == (1, 1, 16, 16)
     assert sum(p.numel() for p in NLayerDiscriminator(128).parameters()) == 1_909_889  # 128-128-256-512, as released
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(UserError, match="multiple of 32"):
         NLayerDiscriminator(48)
 
 
@@ -45,7 +46,9 @@ def test_hinge_with_lecam_and_the_generator_term():
     hinge = 0.5 * (max(0, 1 - 0.5) + max(0, 1 - 2.0))  # = 0.25
     lecam = 0.001 * (max(0, 0.5 - 0.0) ** 2 + max(0, 0.0 - (-2.0)) ** 2)  # EMAs start at 0
     assert terms["critic"].item() == pytest.approx(hinge + lecam) and terms["lecam"].item() == pytest.approx(lecam)
-    assert loss.discriminator.ema_real.item() == pytest.approx(0.05) and loss.discriminator.ema_fake.item() == pytest.approx(-0.2)
+    assert loss.discriminator.ema_real.item() == pytest.approx(
+        0.05
+    ) and loss.discriminator.ema_fake.item() == pytest.approx(-0.2)
     g = loss.generator_terms(fake, real, step=0)
     assert g["gan"].item() == pytest.approx(2.0)  # -mean(D(fake))
     assert g["loss"].item() == pytest.approx(g["mse"].item() + 0.1 * 2.0)
@@ -71,7 +74,7 @@ def test_backbone_weights_load_from_files(tmp_path):
     convs = [m for m in lpips.net.modules() if isinstance(m, nn.Conv2d)]
     assert torch.equal(convs[0].weight, net.features[0].weight) and torch.equal(convs[-1].bias, net.features[10].bias)
     assert not any(p.requires_grad for p in lpips.parameters())
-    with pytest.raises(ValueError, match="expected torchvision vgg weights with 13 feature convs, found 5"):
+    with pytest.raises(UserError, match="expected torchvision vgg weights with 13 feature convs, found 5"):
         build_lpips("vgg", str(tmp_path / "alexnet.safetensors"))
     cn = convnext_small()
     torch.save(cn.state_dict(), tmp_path / "convnext.pth")  # a torch state dict loads too (weights_only)

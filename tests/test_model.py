@@ -8,11 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.recipes import load_recipe
-from pipelines.sample_data import decode, generation_sample
+from jobs.training.recipes import load_recipe
+from pipelines.sample_data import generation_sample
 from unilip.config import ConfigError, LossConfig, ModelConfig
+from unilip.errors import UserError
+from unilip.images import read_image
 from unilip.model import UniLIP
-from unilip.presets import build_parts
+from unilip.presets import build_backbones
 from unilip.prompts import IMAGE, NULL_EDIT, NULL_GENERATION, edit_prompt, generation_prompt
 
 
@@ -24,7 +26,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def photos():
-    return [decode(generation_sample(0, i, 256)["jpg"]) for i in range(8)]
+    return [read_image(generation_sample(0, i, 256)["jpg"]) for i in range(8)]
 
 
 def test_feature_latent_and_image_shapes(model):
@@ -37,7 +39,9 @@ def test_feature_latent_and_image_shapes(model):
         assert latent.shape == (2, 32, side, side)
         assert model.pixel_decoder.decode(latent, size).shape == (2, 3, size, size)
     # the encoder is InternVL's own image path (last layer, CLS dropped, pixel shuffle, projector)
-    reference = model.mllm.model.get_image_features(pixels, vision_feature_layer=-1, vision_feature_select_strategy="default")
+    reference = model.mllm.model.get_image_features(
+        pixels, vision_feature_layer=-1, vision_feature_select_strategy="default"
+    )
     assert torch.equal(feats, reference.pooler_output)
 
 
@@ -52,7 +56,11 @@ EXPECTED_GRADS = {
 
 
 def _frozen_state(model, teacher):
-    parts = {"llm": model.mllm.model.language_model, "teacher": teacher, "dcae_encoder": model.pixel_decoder.dcae.encoder}
+    parts = {
+        "llm": model.mllm.model.language_model,
+        "teacher": teacher,
+        "dcae_encoder": model.pixel_decoder.dcae.encoder,
+    }
     return {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in parts.items()}
 
 
@@ -87,9 +95,13 @@ def test_freezing_per_stage_is_the_papers(photos, recipe_name):
         loss = loss + model.generation_loss(edits, pixels, model.preprocess(photos[:2], 448))
     loss.backward()
     with_grad = {
-        name for name, part in model.components().items()
-        if any(p.grad is not None and p.grad.abs().sum() > 0 for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters()))
-    }  # fmt: skip
+        name
+        for name, part in model.components().items()
+        if any(
+            p.grad is not None and p.grad.abs().sum() > 0
+            for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters())
+        )
+    }
     assert with_grad == EXPECTED_GRADS[recipe_name]
     assert all(p.grad is None for p in model.mllm.model.language_model.parameters())
     assert all(p.grad is None for p in teacher.parameters())
@@ -183,12 +195,19 @@ def test_generate_and_edit_are_seeded_and_honour_guidance(model, photos):
     b = _arrays(model.generate(["a cat", "a rocket"], seed=3, steps=4))
     assert all(x.shape == (448, 448, 3) for x in a) and all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], _arrays(model.generate(["a cat", "a rocket"], seed=4, steps=4))[0])
-    assert not np.array_equal(a[0], _arrays(model.generate(["a cat", "a rocket"], seed=3, steps=4, guidance_scale=1.0))[0])
-    assert not np.array_equal(a[0], _arrays(model.generate(["a cat", "a rocket"], seed=3, steps=6))[0])  # steps honoured
+    assert not np.array_equal(
+        a[0], _arrays(model.generate(["a cat", "a rocket"], seed=3, steps=4, guidance_scale=1.0))[0]
+    )
+    assert not np.array_equal(
+        a[0], _arrays(model.generate(["a cat", "a rocket"], seed=3, steps=6))[0]
+    )  # steps honoured
     e1 = _arrays(model.edit(photos[:1], ["Make it brighter."], seed=1, steps=3, solver="dpm"))
     e2 = _arrays(model.edit(photos[:1], ["Make it brighter."], seed=1, steps=3, solver="dpm"))
     assert e1[0].shape == (448, 448, 3) and np.array_equal(e1[0], e2[0])
-    assert not np.array_equal(e1[0], _arrays(model.edit(photos[:1], ["Make it brighter."], seed=1, steps=3, solver="dpm", guidance_scale=7.0))[0])
+    assert not np.array_equal(
+        e1[0],
+        _arrays(model.edit(photos[:1], ["Make it brighter."], seed=1, steps=3, solver="dpm", guidance_scale=7.0))[0],
+    )
     assert model.reconstruct(photos[:2])[1].size == (448, 448)
 
 
@@ -213,7 +232,9 @@ def test_checkpoint_round_trip_is_exact(tmp_path, photos):
     assert loaded.trained_parts == model.trained_parts and loaded.cfg == model.cfg
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
-    assert np.array_equal(_arrays(model.generate(["a cat"], seed=0, steps=3))[0], _arrays(loaded.generate(["a cat"], seed=0, steps=3))[0])
+    assert np.array_equal(
+        _arrays(model.generate(["a cat"], seed=0, steps=3))[0], _arrays(loaded.generate(["a cat"], seed=0, steps=3))[0]
+    )
     assert np.array_equal(_arrays(model.reconstruct(photos[:1]))[0], _arrays(loaded.reconstruct(photos[:1]))[0])
     files = {p.name for p in (tmp_path / "m").iterdir()}
     assert {"config.json", "encoder.safetensors", "dit.safetensors", "queries.safetensors"} <= files
@@ -225,18 +246,28 @@ def test_the_dit_positional_embedding_is_kept_with_the_model(tmp_path):
     kept by a next stage once the generator trained with it, and never guessed."""
     sincos = UniLIP.from_preset("tiny", ModelConfig(preset="tiny", num_queries=16, dit_pos_embed="sincos")).eval()
     assert sincos.generator.dit.patch_embed.pos_embed is not None
-    assert UniLIP.from_preset("tiny", ModelConfig(preset="tiny", num_queries=16)).generator.dit.patch_embed.pos_embed is None
+    assert (
+        UniLIP.from_preset("tiny", ModelConfig(preset="tiny", num_queries=16)).generator.dit.patch_embed.pos_embed
+        is None
+    )
     sincos.set_trainable(["connector", "dit"])
     loaded = UniLIP.from_pretrained(sincos.save_pretrained(tmp_path / "sincos")).eval()
     assert loaded.cfg.dit_pos_embed == "sincos" and loaded.generator.dit.patch_embed.pos_embed is not None
-    assert torch.equal(loaded.generate_tensors(["a cat"], steps=2, seed=0), sincos.generate_tensors(["a cat"], steps=2, seed=0))
+    assert torch.equal(
+        loaded.generate_tensors(["a cat"], steps=2, seed=0), sincos.generate_tensors(["a cat"], steps=2, seed=0)
+    )
     # a next stage (its recipe's model config) keeps what the trained generator needs ...
-    assert UniLIP.from_pretrained(tmp_path / "sincos", cfg=ModelConfig(preset="tiny", num_queries=16)).cfg.dit_pos_embed == "sincos"
+    assert (
+        UniLIP.from_pretrained(tmp_path / "sincos", cfg=ModelConfig(preset="tiny", num_queries=16)).cfg.dit_pos_embed
+        == "sincos"
+    )
     # ... and takes its own where the generator is untrained (a reconstruction export)
     recon = UniLIP.from_preset("tiny", ModelConfig(preset="tiny", num_queries=16))
     recon.set_trainable(["pixel_decoder"])
     recon.save_pretrained(tmp_path / "recon")
-    nxt = UniLIP.from_pretrained(tmp_path / "recon", cfg=ModelConfig(preset="tiny", num_queries=16, dit_pos_embed="sincos"))
+    nxt = UniLIP.from_pretrained(
+        tmp_path / "recon", cfg=ModelConfig(preset="tiny", num_queries=16, dit_pos_embed="sincos")
+    )
     assert nxt.generator.dit.patch_embed.pos_embed is not None
 
     def rewrite(name, edit):
@@ -256,8 +287,8 @@ def test_the_dit_positional_embedding_is_kept_with_the_model(tmp_path):
     rewrite("sincos", lambda c: c["model"].pop("dit_pos_embed"))
     with pytest.raises(ConfigError, match=r"does not state model.dit_pos_embed \(none or sincos\)"):
         UniLIP.from_pretrained(tmp_path / "sincos")
-    with pytest.raises(ValueError, match="model.dit_pos_embed must be one of none, sincos, got 'rope'"):
-        build_parts("tiny", dit_pos_embed="rope")
+    with pytest.raises(UserError, match="model.dit_pos_embed must be one of none, sincos, got 'rope'"):
+        build_backbones("tiny", dit_pos_embed="rope")
 
 
 def test_samples_are_clamped_before_the_resize_reconstructions_are_not(photos):
@@ -301,7 +332,7 @@ def test_generator_loads_the_reconstruction_trained_encoder_explicitly(tmp_path)
         assert torch.equal(gen.pixel_decoder.state_dict()[k], v)
     untrained = UniLIP.from_preset("tiny", ModelConfig(preset="tiny", num_queries=16))
     untrained.save_pretrained(tmp_path / "plain")
-    with pytest.raises(ValueError, match="not a reconstruction checkpoint"):
+    with pytest.raises(UserError, match="not a reconstruction checkpoint"):
         gen.load_reconstruction(tmp_path / "plain")
 
 
@@ -311,7 +342,10 @@ def test_generator_loads_the_reconstruction_trained_encoder_explicitly(tmp_path)
         (lambda m, im: m.generate([""]), "empty"),
         (lambda m, im: m.generate(["   "]), "empty"),
         (lambda m, im: m.generate(["word " * 1000]), "limit is 767"),
-        (lambda m, im: m.edit([im], ["word " * 600]), "with the chat template and the reference image; the limit is 767"),
+        (
+            lambda m, im: m.edit([im], ["word " * 600]),
+            "with the chat template and the reference image; the limit is 767",
+        ),
         (lambda m, im: m.generate(["<img> sneaky"]), "reserved"),
         (lambda m, im: m.edit([im], ["put <image> here"]), "reserved"),
         (lambda m, im: m.generate(["a cat"], steps=0), "num_inference_steps"),
@@ -328,29 +362,34 @@ def test_generator_loads_the_reconstruction_trained_encoder_explicitly(tmp_path)
     ],
 )
 def test_bad_input_raises_a_clear_value_error(model, photos, call, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         call(model, photos[0])
 
 
 def test_other_image_modes_are_converted(model):
-    for image in (Image.new("L", (64, 64), 128), Image.new("RGBA", (64, 64), (10, 20, 30, 128)),
-                  Image.new("P", (64, 64)), Image.new("CMYK", (64, 64)), np.full((64, 64), 7, np.uint8)):  # fmt: skip
+    for image in (
+        Image.new("L", (64, 64), 128),
+        Image.new("RGBA", (64, 64), (10, 20, 30, 128)),
+        Image.new("P", (64, 64)),
+        Image.new("CMYK", (64, 64)),
+        np.full((64, 64), 7, np.uint8),
+    ):
         assert model.reconstruct([image], size=224)[0].size == (224, 224)
 
 
 def test_presets_registry():
-    with pytest.raises(ValueError, match="unknown model preset 'nope'.*tiny.*unilip-1b.*unilip-3b"):
-        build_parts("nope")
-    real = UniLIP(build_parts("tiny"), ModelConfig(preset="unilip-1b"), False)
-    real.sources = dataclasses.replace(real.sources, mllm="OpenGVLab/InternVL3-1B-hf")  # as a real preset has it
-    with pytest.raises(ValueError, match="loss.lpips_weights must name"):
+    with pytest.raises(UserError, match="unknown model preset 'nope'.*tiny.*unilip-1b.*unilip-3b"):
+        build_backbones("nope")
+    real = UniLIP(build_backbones("tiny"), ModelConfig(preset="unilip-1b"), False)
+    real.upstream = dataclasses.replace(real.upstream, mllm="OpenGVLab/InternVL3-1B-hf")  # as a real preset has it
+    with pytest.raises(UserError, match="loss.lpips_weights must name"):
         real.reconstruction_loss(load_recipe("recon-stage1", ["loss.lpips_weights=null"]).loss)
-    with pytest.raises(ValueError, match="loss.convnext_weights must name"):
+    with pytest.raises(UserError, match="loss.convnext_weights must name"):
         real.reconstruction_loss(load_recipe("recon-stage1", ["loss.convnext_weights=null"]).loss)
 
 
 def test_condition_modes(model):
-    parts = build_parts("tiny")
+    parts = build_backbones("tiny")
     lengths = {}
     for mode in ("hidden", "queries", "both"):
         gen = UniLIP(parts, ModelConfig(preset="tiny", num_queries=16, condition=mode)).generator
@@ -358,5 +397,5 @@ def test_condition_modes(model):
         lengths[mode] = cond.mask.sum(dim=1).tolist()
     assert lengths["queries"] == [16, 16]  # the query outputs only
     assert [b - h for b, h in zip(lengths["both"], lengths["hidden"])] == [17, 17]  # + <img> and 16 queries
-    with pytest.raises(ValueError, match="condition"):
+    with pytest.raises(UserError, match="condition"):
         UniLIP(parts, ModelConfig(preset="tiny", condition="neither"))

@@ -20,14 +20,18 @@ import pytest
 from cluster.local import LocalStack, patched_environ
 from pipelines.sample_data import build_sample_dataset
 from pipelines.shards import read_manifest
-from tests.conftest import ROOT, recorded_samples, write_samples
+from tests.conftest import ROOT, recorded_samples, sets, write_samples
+
+pytestmark = pytest.mark.stack  # a three-node cluster of its own
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Its own stack (another cluster than the session's): S3, MLflow, a 1-CPU head and two
     2-CPU worker nodes; everything stopped by PID afterwards."""
-    st = LocalStack(tmp_path_factory.mktemp("multinode"), bucket="unilip-multinode", num_cpus=1, multinode=True, log=lambda m: None)
+    st = LocalStack(
+        tmp_path_factory.mktemp("multinode"), bucket="unilip-multinode", num_cpus=1, multinode=True, log=lambda m: None
+    )
     try:
         st.up()
         for name in ("node-1", "node-2"):
@@ -50,7 +54,9 @@ def state(st, kind: str, **kwargs) -> list:
 
     with patched_environ(st.env()):
         # the dead nodes are filtered out on the server: not a truncation
-        return getattr(api, f"list_{kind}")(filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False, **kwargs)
+        return getattr(api, f"list_{kind}")(
+            filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False, **kwargs
+        )
 
 
 def node_names(st) -> dict[str, str]:
@@ -72,9 +78,28 @@ def test_training_survives_losing_a_worker_node_with_every_sample_once(cluster, 
     build_sample_dataset(f"{root}/many", s3, 96, 0, shard_size=2, size=64, log=lambda m: None)
     runs = f"{root}/runs/node-loss"
     log = tmp_path / "train.log"
-    cmd = [sys.executable, "-m", "unilip.cli", "train", "recon-stage1", "--preset", "tiny", "--workers", "2",
-           "--cpus-per-worker", "1.5", "--run-name", "node-loss", "--set", "train.steps=24", "--set", "train.checkpoint_every=2",
-           "--set", "train.eval_every=24", "--set", "train.record_samples=true", "--set", f"data.sources.0.uri={root}/many/generation"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli",
+        "train",
+        "recon-stage1",
+        "--preset",
+        "tiny",
+        "--workers",
+        "2",
+        "--cpus-per-worker",
+        "1.5",
+        "--run-name",
+        "node-loss",
+        *sets(
+            "train.steps=24",
+            "train.checkpoint_every=2",
+            "train.eval_every=24",
+            "train.record_samples=true",
+            f"data.sources.0.uri={root}/many/generation",
+        ),
+    ]
     env = {**os.environ, **cluster.env()}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
@@ -98,12 +123,18 @@ def test_training_survives_losing_a_worker_node_with_every_sample_once(cluster, 
     steps, per_rank = recorded_samples(s3, runs)
     assert steps == [f"step-{i:08d}" for i in range(1, 25)]  # every step recorded once
     keys = per_rank[0] + per_rank[1]
-    assert len(keys) == len(set(keys)) == read_manifest(f"{root}/many/generation", s3).samples  # none lost, none repeated
+    assert (
+        len(keys) == len(set(keys)) == read_manifest(f"{root}/many/generation", s3).samples
+    )  # none lost, none repeated
 
 
 def model_replicas(st) -> dict[str, str]:
     """Alive UniLIPModel replicas of the Serve application: actor id -> node id."""
-    return {a.actor_id: a.node_id for a in state(st, "actors") if a.class_name.startswith("ServeReplica:") and a.class_name.endswith(":UniLIPModel")}
+    return {
+        a.actor_id: a.node_id
+        for a in state(st, "actors")
+        if a.class_name.startswith("ServeReplica:") and a.class_name.endswith(":UniLIPModel")
+    }
 
 
 def replicas_when(st, n: int) -> dict[str, str] | None:
@@ -128,8 +159,11 @@ class Load:
         n = 0
         while not self.stop.is_set():
             try:
-                r = requests.post(f"{self.url}/v1/images/generations", timeout=60,
-                                  json={"prompt": f"fox {i} {n}", "num_inference_steps": 1, "seed": n})  # fmt: skip
+                r = requests.post(
+                    f"{self.url}/v1/images/generations",
+                    timeout=60,
+                    json={"prompt": f"fox {i} {n}", "num_inference_steps": 1, "seed": n},
+                )
                 status = r.status_code
             except requests.RequestException:
                 status = 0
@@ -175,9 +209,18 @@ def test_serve_survives_losing_a_node_and_scales_with_load(cluster, tmp_path):
     deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
     # a replica per worker node (2 CPUs each; the head's 1 cannot hold one), 1 to 2 of them,
     # scaled within seconds
-    deployments["UniLIPModel"].update(max_ongoing_requests=2, ray_actor_options={"num_cpus": 2}, autoscaling_config={
-        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1, "downscale_delay_s": 5,
-        "look_back_period_s": 12})  # fmt: skip
+    deployments["UniLIPModel"].update(
+        max_ongoing_requests=2,
+        ray_actor_options={"num_cpus": 2},
+        autoscaling_config={
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 1,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 5,
+            "look_back_period_s": 12,
+        },
+    )
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     with ServeProcess(str(model_dir), "--config", str(path), env=cluster.env(), log=tmp_path / "serve.log") as server:
@@ -204,8 +247,10 @@ def test_serve_survives_losing_a_node_and_scales_with_load(cluster, tmp_path):
         recovered = min((t for t, s in after if s == 200 and t > last_failure), default=None)
         # a replica added by the autoscaler takes requests only once its model is loaded
         assert len(before) >= 8 and set(before) == {200}, before
-        print(f"node lost under load: {len(failed)} of {len(after)} requests failed (statuses "
-              f"{sorted({s for _, s in after if s != 200})}); all succeed again {recovered} s after the loss")
+        print(
+            f"node lost under load: {len(failed)} of {len(after)} requests failed (statuses "
+            f"{sorted({s for _, s in after if s != 200})}); all succeed again {recovered} s after the loss"
+        )
         statuses = sorted({s for _, s in after if s != 200})
         # requests succeed again within a bounded time: the node's death is noticed (Ray's
         # heartbeats), then the replica's (Serve's health check: every 10 s, 30 s timeout)

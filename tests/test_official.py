@@ -5,7 +5,7 @@ A synthetic release (the tiny preset's shapes under the release's names and file
 loaded natively; the real UniLIP-1B key list maps onto the unilip-1b model built on the
 meta device; broken releases fail on their first bad key, and pickles are never read. The
 converted DiT adds the positional embedding the release was trained with (diffusers
-0.32.2's), and a release whose frozen LLM is not sources.mllm's is refused.
+0.32.2's), and a release whose frozen LLM is not upstream.mllm's is refused.
 """
 
 import json
@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import run_cli
 from tests.release_fixture import key_patterns, official_1b_keys, perturbed_tiny, release_state, write_release
 from unilip.model import UniLIP, component_state
-from unilip.official import ConversionError, convert_official, expected_shapes, plan, release_model_config
-from unilip.presets import build_parts
+from unilip.official import ConversionError, convert_official, expected_shapes, map_keys, release_model_config
+from unilip.presets import build_backbones
 
 QUIET = dict(log=lambda m: None)
 
@@ -49,14 +49,23 @@ def test_the_synthetic_release_has_the_real_release_layout(tiny):
 
 def test_the_real_1b_release_maps_onto_the_unilip_1b_model():
     """Every key and shape of the real checkpoint against the model the preset builds (meta)."""
-    the_plan = plan(official_1b_keys(), expected_shapes(release_model_config({"n_query": 256, "connect_layer": 6}, "unilip-1b")))
+    mapping = map_keys(
+        official_1b_keys(), expected_shapes(release_model_config({"n_query": 256, "connect_layer": 6}, "unilip-1b"))
+    )
     per_component = {}
-    for move in the_plan.moves:
+    for move in mapping.moves:
         per_component[move.component] = per_component.get(move.component, 0) + 1
-    assert per_component == {"encoder": 442, "down_proj": 24, "pixel_decoder": 196, "queries": 1, "connector": 73,
-                             "caption_projector": 2, "dit": 548}  # fmt: skip
-    assert len(the_plan.unused) == 291  # the frozen LLM (290 tensors) and lm_head
-    assert list(the_plan.created) == [("connector", "model.embed_tokens.weight")]
+    assert per_component == {
+        "encoder": 442,
+        "down_proj": 24,
+        "pixel_decoder": 196,
+        "queries": 1,
+        "connector": 73,
+        "caption_projector": 2,
+        "dit": 548,
+    }
+    assert len(mapping.unused) == 291  # the frozen LLM (290 tensors) and lm_head
+    assert list(mapping.created) == [("connector", "model.embed_tokens.weight")]
 
 
 @pytest.mark.parametrize("shards", [1, 2])
@@ -72,7 +81,11 @@ def test_converted_release_loads_and_equals_the_native_model(tiny, native, tmp_p
         assert all(torch.equal(got_state[k], want_state[k]) for k in want_state if k != unused), name
     assert not model.components()["connector"].state_dict()["model.embed_tokens.weight"].any()
     config = json.loads((tmp_path / "converted" / "config.json").read_text())
-    assert config["model"]["solver"] == "dpm" and config["model"]["guidance_scale"] == 4.5 and config["model"]["num_inference_steps"] == 20
+    assert (
+        config["model"]["solver"] == "dpm"
+        and config["model"]["guidance_scale"] == 4.5
+        and config["model"]["num_inference_steps"] == 20
+    )
     assert config["prompt_format"]["generation"] == "Generate an image: {prompt}"
     assert config["converted_from"]["tensors"] == 311 and config["converted_from"]["n_query"] == 256
     assert config["model"]["dit_pos_embed"] == "sincos"
@@ -82,8 +95,13 @@ def test_converted_release_loads_and_equals_the_native_model(tiny, native, tmp_p
         for m in (model, native):
             m.eval()
         sampling = dict(steps=2, seed=[3])
-        assert torch.equal(model.generate_tensors(["a red fox"], **sampling), native.generate_tensors(["a red fox"], **sampling))
-        assert torch.equal(model.edit_tensors(pil, ["Make it blue."], **sampling), native.edit_tensors(pil, ["Make it blue."], **sampling))
+        assert torch.equal(
+            model.generate_tensors(["a red fox"], **sampling), native.generate_tensors(["a red fox"], **sampling)
+        )
+        assert torch.equal(
+            model.edit_tensors(pil, ["Make it blue."], **sampling),
+            native.edit_tensors(pil, ["Make it blue."], **sampling),
+        )
         pixels = model.preprocess(pil, 448)
         assert torch.equal(model.reconstruct_tensors(pixels)[0], native.reconstruct_tensors(pixels)[0])
         assert model.understand(pil[0], "What is it?", 8) == native.understand(pil[0], "What is it?", 8)
@@ -91,7 +109,7 @@ def test_converted_release_loads_and_equals_the_native_model(tiny, native, tmp_p
 
 def native_dir(tiny, tmp_path, dit_pos_embed: str):
     """`tiny`'s weights saved the project's way, its DiT with `dit_pos_embed`."""
-    model = UniLIP(build_parts("tiny", dit_pos_embed=dit_pos_embed), replace(tiny.cfg, dit_pos_embed=dit_pos_embed))
+    model = UniLIP(build_backbones("tiny", dit_pos_embed=dit_pos_embed), replace(tiny.cfg, dit_pos_embed=dit_pos_embed))
     for name, part in model.components().items():
         source = tiny.components()[name]
         part.data.copy_(source) if isinstance(part, torch.nn.Parameter) else part.load_state_dict(source.state_dict())
@@ -109,7 +127,9 @@ def test_the_converted_dit_adds_the_sincos_embedding_diffusers_0_32_added(tiny, 
     dit = UniLIP.from_pretrained(tmp_path / "converted").generator.dit.eval()
     patch = dit.patch_embed
     width, side = dit.config.num_attention_heads * dit.config.attention_head_dim, dit.config.sample_size
-    want = get_2d_sincos_pos_embed(width, side, base_size=side // dit.config.patch_size, interpolation_scale=1.0, output_type="pt")
+    want = get_2d_sincos_pos_embed(
+        width, side, base_size=side // dit.config.patch_size, interpolation_scale=1.0, output_type="pt"
+    )
     x = torch.randn(2, dit.config.in_channels, side, side, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         added = patch(x) - patch.proj(x).flatten(2).transpose(1, 2)  # what the embedding adds to every token
@@ -127,18 +147,31 @@ def test_a_release_with_another_frozen_llm_is_refused(tiny, tmp_path):
         state["model.language_model.layers.2.mlp.up_proj.weight"] += 0.5
 
     release = _broken(tiny, tmp_path / "a", other_llm)
-    with pytest.raises(ConversionError, match=r"model.language_model.layers.2.mlp.up_proj.weight: the release's frozen LLM "
-                                              r"differs from sources.mllm \(tiny\): .* another InternVL3"):  # fmt: skip
+    with pytest.raises(
+        ConversionError,
+        match=r"model.language_model.layers.2.mlp.up_proj.weight: the release's frozen LLM "
+        r"differs from upstream.mllm \(tiny\): .* another InternVL3",
+    ):
         convert_official(release, tmp_path / "out-a", **QUIET)
     assert convert_official(release, tmp_path / "out-b", check_llm=False, **QUIET).preset == "tiny"
     # the source as a local directory (transformers' own save, legacy key names, tied head): the same check
     source = tmp_path / "internvl3-tiny"
-    build_parts("tiny").mllm.save_pretrained(source)
+    build_backbones("tiny").mllm.save_pretrained(source)
     bad = run_cli("convert", "official", "--src", release, "--out", str(tmp_path / "out-c"), "--mllm", str(source))
-    assert bad.returncode == 2 and "layers.2.mlp.up_proj.weight: the release's frozen LLM differs" in bad.stderr, bad.stderr[-2000:]
+    assert bad.returncode == 2 and "layers.2.mlp.up_proj.weight: the release's frozen LLM differs" in bad.stderr, (
+        bad.stderr[-2000:]
+    )
     assert "--skip-llm-check" in bad.stderr and "Traceback" not in bad.stderr
-    good = run_cli("convert", "official", "--src", str(write_release(tiny, tmp_path / "b")), "--out", str(tmp_path / "out-d"),
-                   "--mllm", str(source))  # fmt: skip
+    good = run_cli(
+        "convert",
+        "official",
+        "--src",
+        str(write_release(tiny, tmp_path / "b")),
+        "--out",
+        str(tmp_path / "out-d"),
+        "--mllm",
+        str(source),
+    )
     assert good.returncode == 0 and "frozen LLM: 75 tensors equal" in good.stdout, good.stderr[-2000:]
     skipped = run_cli("convert", "official", "--src", release, "--out", str(tmp_path / "out-e"), "--skip-llm-check")
     assert skipped.returncode == 0 and "checking the release's frozen LLM" not in skipped.stdout, skipped.stderr[-2000:]
@@ -162,19 +195,27 @@ def test_broken_releases_fail_on_their_first_bad_key(tiny, tmp_path, monkeypatch
     def reshape(state):
         state["model.projector.weight"] = state["model.projector.weight"][:, :-1].contiguous()
 
-    with pytest.raises(ConversionError, match=r"model.projector.weight -> caption_projector/weight: shape \[48, 63\], the model expects \[48, 64\]"):
+    with pytest.raises(
+        ConversionError,
+        match=r"model.projector.weight -> caption_projector/weight: shape \[48, 63\], the model expects \[48, 64\]",
+    ):
         convert_official(_broken(tiny, tmp_path / "b", reshape), tmp_path / "out-b", **QUIET)
 
     def extra(state):
         state["model.vision_tower.encoder.layers.0.attn.q_norm.weight"] = torch.ones(64, dtype=torch.bfloat16)
 
-    with pytest.raises(ConversionError, match=r"unrecognised key 'model.vision_tower.encoder.layers.0.attn.q_norm.weight'"):
+    with pytest.raises(
+        ConversionError, match=r"unrecognised key 'model.vision_tower.encoder.layers.0.attn.q_norm.weight'"
+    ):
         convert_official(_broken(tiny, tmp_path / "c", extra), tmp_path / "out-c", **QUIET)
 
     # a shard the index lists is missing
     release = write_release(tiny, tmp_path / "d", shards=2)
     (release / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(ConversionError, match=r"weight file model-00002-of-00002.safetensors missing \(listed in model.safetensors.index.json\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"weight file model-00002-of-00002.safetensors missing \(listed in model.safetensors.index.json\)",
+    ):
         convert_official(str(release), tmp_path / "out-d", **QUIET)
 
     # pickles only: refused, and never opened
@@ -183,7 +224,9 @@ def test_broken_releases_fail_on_their_first_bad_key(tiny, tmp_path, monkeypatch
     (release / "model.safetensors").unlink()
     torch.save(state, release / "pytorch_model.bin")
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called on a pickle"))
-    with pytest.raises(ConversionError, match=r"holds only pickle weights \(pytorch_model.bin\), which are never loaded"):
+    with pytest.raises(
+        ConversionError, match=r"holds only pickle weights \(pytorch_model.bin\), which are never loaded"
+    ):
         convert_official(str(release), tmp_path / "out-e", **QUIET)
 
     # not a release at all: a project model directory
@@ -196,11 +239,29 @@ def test_cli_converts_from_s3_and_errors_name_the_problem(stack, s3, tiny, tmp_p
     src = f"s3://{stack.bucket}/releases/UniLIP-tiny"  # fetched into the cache first
     for path in release.iterdir():
         s3.put_bytes(f"{src}/{path.name}", path.read_bytes())
-    out = run_cli("convert", "official", "--src", src, "--out", str(tmp_path / "converted"), env={"UNILIP_CACHE": str(tmp_path / "cache")})
+    out = run_cli(
+        "convert",
+        "official",
+        "--src",
+        src,
+        "--out",
+        str(tmp_path / "converted"),
+        env={"UNILIP_CACHE": str(tmp_path / "cache")},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "unused: 75 source tensors, the frozen LLM and its head" in out.stdout
-    assert "created: connector/model.embed_tokens.weight" in out.stdout and "discriminator (reconstruction stages): fresh" in out.stdout
-    assert UniLIP.from_pretrained(tmp_path / "converted").trained_parts == {"encoder", "down_proj", "pixel_decoder", "queries",
-                                                                           "connector", "caption_projector", "dit"}  # fmt: skip
+    assert (
+        "created: connector/model.embed_tokens.weight" in out.stdout
+        and "discriminator (reconstruction stages): fresh" in out.stdout
+    )
+    assert UniLIP.from_pretrained(tmp_path / "converted").trained_parts == {
+        "encoder",
+        "down_proj",
+        "pixel_decoder",
+        "queries",
+        "connector",
+        "caption_projector",
+        "dit",
+    }
     bad = run_cli("convert", "official", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "no readable config.json" in bad.stderr

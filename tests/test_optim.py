@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from jobs.optim import EMA, adamw_groups, ema_decay, lr_at
+from jobs.training.optim import EMA, adamw_groups, ema_decay, lr_at
 from unilip.config import TrainConfig
 
 
@@ -33,10 +33,13 @@ def test_ema_warms_up_as_the_release():
 
 
 def test_weight_decay_spares_norms_biases_and_embeddings():
-    named = [("embeddings.patch_embeddings.projection.weight", torch.nn.Parameter(torch.zeros(4, 3, 2, 2))),
-             ("embeddings.position_embeddings", torch.nn.Parameter(torch.zeros(1, 5, 4))),
-             ("layer.attention.q.weight", torch.nn.Parameter(torch.zeros(4, 4))),
-             ("layer.norm.weight", torch.nn.Parameter(torch.zeros(4))), ("layer.q.bias", torch.nn.Parameter(torch.zeros(4)))]  # fmt: skip
+    named = [
+        ("embeddings.patch_embeddings.projection.weight", torch.nn.Parameter(torch.zeros(4, 3, 2, 2))),
+        ("embeddings.position_embeddings", torch.nn.Parameter(torch.zeros(1, 5, 4))),
+        ("layer.attention.q.weight", torch.nn.Parameter(torch.zeros(4, 4))),
+        ("layer.norm.weight", torch.nn.Parameter(torch.zeros(4))),
+        ("layer.q.bias", torch.nn.Parameter(torch.zeros(4))),
+    ]
     groups = adamw_groups([{"name": "encoder", "params": [p for _, p in named], "named": named, "lr_scale": 0.1}], 1e-4)
     decayed = next(g for g in groups if g["weight_decay"] == 1e-4)
     assert [id(p) for p in decayed["params"]] == [id(named[2][1])]

@@ -9,12 +9,17 @@ import pytest
 from pipelines.ingest import check_resume
 from pipelines.order import interleave_width, read_plan, shard_groups, shard_order
 from pipelines.position import Position
+from unilip.errors import UserError
 
 
 def test_shard_order_is_a_fresh_permutation_per_epoch_and_seed():
     a = shard_order(0, "blip3o-long", 0, 100)
     assert sorted(a) == list(range(100)) and np.array_equal(a, shard_order(0, "blip3o-long", 0, 100))
-    for other in (shard_order(0, "blip3o-long", 1, 100), shard_order(1, "blip3o-long", 0, 100), shard_order(0, "journeydb", 0, 100)):
+    for other in (
+        shard_order(0, "blip3o-long", 1, 100),
+        shard_order(1, "blip3o-long", 0, 100),
+        shard_order(0, "journeydb", 0, 100),
+    ):
         assert not np.array_equal(a, other)
         # Kendall's tau between the two orders: near 0, not a rotated copy
         ra, rb = np.argsort(a), np.argsort(other)
@@ -44,17 +49,19 @@ def test_read_plan_reads_each_sample_once_within_a_window():
 
 
 def test_resume_refuses_changed_manifests_and_warns_on_changed_order():
-    saved = {"order": {"seed": 0, "shuffle": True, "shard_interleave": 16, "shuffle_buffer": 1000},
-             "sources": {"a": {"shards": 2, "samples": 10, "manifest": "x"}}}  # fmt: skip
+    saved = {
+        "order": {"seed": 0, "shuffle": True, "shard_interleave": 16, "shuffle_buffer": 1000},
+        "sources": {"a": {"shards": 2, "samples": 10, "manifest": "x"}},
+    }
     assert check_resume(saved, saved) == [] and check_resume(None, saved) == []
     changed = json.loads(json.dumps(saved))
     changed["order"]["shuffle_buffer"] = 7
     (warning,) = check_resume(saved, changed)
     assert "shuffle_buffer 1000 -> 7" in warning
     changed["sources"]["a"] = {"shards": 3, "samples": 12, "manifest": "y"}
-    with pytest.raises(ValueError, match="source 'a' changed since the checkpoint .2 shards, 10 samples then; 3 shards"):
+    with pytest.raises(UserError, match="source 'a' changed since the checkpoint .2 shards, 10 samples then; 3 shards"):
         check_resume(saved, changed)
-    with pytest.raises(ValueError, match="sources"):
+    with pytest.raises(UserError, match="sources"):
         check_resume(saved, {**saved, "sources": {"b": saved["sources"]["a"]}})
 
 
@@ -65,7 +72,11 @@ def test_position_round_trip_and_its_two_encodings():
     p.consume("s", 0, ["u1"] * 50, np.arange(0, 100, 2))  # every other sample: cheaper as a bitmap
     p.consume("s", 0, ["u2", "u2"], [3, 4])
     state = json.loads(json.dumps(p.state()))
-    assert state["done"]["s"]["u0"] == [[0, 100]] and "bits" in state["done"]["s"]["u1"] and state["done"]["s"]["u2"] == [[3, 5]]
+    assert (
+        state["done"]["s"]["u0"] == [[0, 100]]
+        and "bits" in state["done"]["s"]["u1"]
+        and state["done"]["s"]["u2"] == [[3, 5]]
+    )
     q = Position(layout, state)
     assert np.array_equal(q.bits["s"], p.bits["s"]) and q.consumed("s") == 152
     done = q.done("s")
@@ -75,7 +86,7 @@ def test_position_round_trip_and_its_two_encodings():
     r.consume("s", 1, ["u2"], [0])
     q.absorb(r)
     assert q.epochs["s"] == 1 and q.consumed("s") == 1
-    with pytest.raises(ValueError, match="does not list"):
+    with pytest.raises(UserError, match="does not list"):
         Position({"s": [("u9", 5)]}, state)
 
 
@@ -96,7 +107,11 @@ def test_data_position_stays_small_at_the_target_scale():
     held = np.random.default_rng(0).choice(np.arange(target - 200_000, target), 20_000, replace=False)
     trained = np.setdiff1d(np.arange(target), held)  # emitted but not yet trained on: prefetch, buffers
     positions = [Position(layout) for _ in range(workers)]
-    blocks = trained.reshape(-1, micro) if len(trained) % micro == 0 else trained[: len(trained) // micro * micro].reshape(-1, micro)
+    blocks = (
+        trained.reshape(-1, micro)
+        if len(trained) % micro == 0
+        else trained[: len(trained) // micro * micro].reshape(-1, micro)
+    )
     for rank in range(workers):  # blocks of rows go to the workers in turn
         mine = flat[blocks[rank::workers].ravel()]
         positions[rank].consume("blip3o", 0, urls[mine // per], mine % per)

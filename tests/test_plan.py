@@ -3,9 +3,19 @@
 import pytest
 import torch
 
-from cluster.plan import (GPUS, SOURCE_SIZES, SanaDiT, Transformer, on_meta, counted_flops, dit_flops, edit_fraction,
-                          make_plan, transformer_flops)  # fmt: skip
-from jobs.recipes import chain, load_recipe
+from jobs.performance.gpus import GPUS
+from jobs.performance.plan import (
+    SOURCE_SIZES,
+    SanaDiT,
+    Transformer,
+    counted_flops,
+    dit_flops,
+    edit_fraction,
+    estimate_run,
+    on_meta,
+    transformer_flops,
+)
+from jobs.training.recipes import chain, load_recipe
 from tests.conftest import run_cli
 
 
@@ -32,52 +42,53 @@ def test_counted_flops_of_a_real_class_on_meta_by_hand():
     # 32 px, width 32: stem 5x5 3->32 at 32x32; three stages of 3x3 conv (32->32 at 32x32,
     # 32->64 at 16x16, 64->128 at 8x8), each then a depthwise 4x4 blur with stride 2;
     # max-pool to 16x16; head 1x1 128->128 and 5x5 128->1 at 16x16
-    convs = 1024 * 32 * 3 * 25 + 1024 * 32 * 32 * 9 + 256 * 64 * 32 * 9 + 64 * 128 * 64 * 9 + 256 * 128 * 128 + 256 * 128 * 25
+    convs = (
+        1024 * 32 * 3 * 25
+        + 1024 * 32 * 32 * 9
+        + 256 * 64 * 32 * 9
+        + 64 * 128 * 64 * 9
+        + 256 * 128 * 128
+        + 256 * 128 * 25
+    )
     blurs = 32 * 256 * 16 + 64 * 64 * 16 + 128 * 16 * 16
     assert counted_flops(disc, (1, 3, 32, 32)) == 2 * (convs + blurs) == 53_149_696
 
 
 def test_llm_formula_matches_torch_counter_on_the_real_qwen2_class():
-    from transformers import Qwen2Config, Qwen2Model
-
-    cfg = Qwen2Config(vocab_size=100, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
-    model = on_meta(lambda: Qwen2Model(cfg))
+    """The tiny preset's Qwen2 (grouped-query attention, SwiGLU) counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    tokens = 37
+    from jobs.performance.plan import transformer
+    from unilip.presets import build_backbones
+
+    mllm = build_backbones("tiny", device="meta").mllm
+    tokens, text = 37, mllm.config.text_config
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(inputs_embeds=torch.empty(1, tokens, 64, device="meta"))
-    expected = transformer_flops(Transformer(3, 64, 4, 2, 16, 160, True), tokens)
-    assert counter.get_total_flops() == expected
+        mllm.model.language_model(inputs_embeds=torch.empty(1, tokens, text.hidden_size, device="meta"))
+    assert counter.get_total_flops() == transformer_flops(transformer(text.to_dict(), gated=True), tokens)
 
 
 def test_vit_and_dit_formulas_match_torch_counter_on_the_tiny_preset_classes():
-    from diffusers import SanaTransformer2DModel
-    from transformers import InternVLVisionConfig, InternVLVisionModel
-
-    from cluster.plan import Architecture, vit_flops
-
-    vcfg = InternVLVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                image_size=[224, 224], patch_size=[14, 14], attn_implementation="sdpa")  # fmt: skip
-    vit = on_meta(lambda: InternVLVisionModel(vcfg))
-    arch = Architecture(vit=Transformer(2, 64, 4, 4, 16, 128, False), llm=Transformer(1, 8, 1, 1, 8, 8, True),
-                        dit=SanaDiT(1, 8, 8))  # fmt: skip
-    measured = counted_flops(vit, (1, 3, 224, 224))
-    assert measured == pytest.approx(vit_flops(arch, 224), rel=0.01)
-
-    dit = on_meta(lambda: SanaTransformer2DModel(
-        in_channels=32, out_channels=32, num_attention_heads=2, attention_head_dim=16, num_layers=2,
-        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32,
-        caption_channels=48, sample_size=16, patch_size=1))  # fmt: skip
+    """The FLOPs model of the tiny preset, read from its configs as the real presets' are,
+    against torch's own count of its InternViT and SANA DiT (on the meta device)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from jobs.performance.plan import architecture, vit_flops
+    from unilip.presets import build_backbones
+
+    backbones = build_backbones("tiny", device="meta")
+    arch = architecture(backbones.mllm.config.to_dict(), dict(backbones.dit.config))
+    measured = counted_flops(backbones.mllm.model.vision_tower, (1, 3, 448, 448))
+    assert measured == pytest.approx(vit_flops(arch, 448), rel=0.01)
+
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        dit(torch.empty(1, 32, 16, 16, device="meta"), encoder_hidden_states=torch.empty(1, 20, 48, device="meta"),
-            timestep=torch.empty(1, device="meta"))  # fmt: skip
-    formula = dit_flops(SanaDiT(2, 32, 16, caption_channels=48, in_channels=32), tokens=256, cond_tokens=20)
+        backbones.dit(
+            torch.empty(1, 32, 16, 16, device="meta"),
+            encoder_hidden_states=torch.empty(1, 20, arch.dit.caption_channels, device="meta"),
+            timestep=torch.empty(1, device="meta"),
+        )
     # the formula leaves out the per-sample timestep MLPs (a few d x d products)
-    assert counter.get_total_flops() == pytest.approx(formula, rel=0.02)
+    assert counter.get_total_flops() == pytest.approx(dit_flops(arch.dit, tokens=256, cond_tokens=20), rel=0.02)
 
 
 def test_plan_arithmetic_and_task_share():
@@ -85,19 +96,21 @@ def test_plan_arithmetic_and_task_share():
     edit = edit_fraction(recipe)
     gen = sum(SOURCE_SIZES[s.name] for s in recipe.data.sources if s.task == "generation")
     assert edit == pytest.approx(10 * 1_500_000 / (gen + 10 * 1_500_000))  # about 2:1
-    plan = make_plan("gen-stage2", "unilip-1b", gpus=16, gpu="a100-80g", price=2.0, mfu=0.4, decode_rate=50)
-    step = plan.flops_per_sample * 512 / (16 * GPUS["a100-80g"][0] * 1e12 * 0.4)
+    plan = estimate_run("gen-stage2", "unilip-1b", gpus=16, gpu="a100-80g", price=2.0, mfu=0.4, decode_rate=50)
+    step = plan.flops_per_sample * 512 / (16 * GPUS["a100-80g"].peak_tflops * 1e12 * 0.4)
     assert plan.step_s == pytest.approx(step)
     assert plan.gpu_hours == pytest.approx(200_000 * step / 3600 * 16)
     assert plan.cost == pytest.approx(plan.gpu_hours * 2.0)
     assert plan.decode_cores == -(-512 / step * (1 + edit) // 50)
     # activation checkpointing of the LLM, connector and DiT (as shipped) adds one forward each
     by_name = {p.name: p for p in plan.parts}
-    assert by_name["SANA DiT"].passes == 3 + 1 and by_name["LLM"].passes == 2 + 1  # queries train through the frozen LLM
+    assert (
+        by_name["SANA DiT"].passes == 3 + 1 and by_name["LLM"].passes == 2 + 1
+    )  # queries train through the frozen LLM
     assert by_name["InternViT (edit reference)"].passes == 1 and by_name["connector"].passes == 3 + 1
-    stage1 = {p.name: p for p in make_plan("gen-stage1").parts}
+    stage1 = {p.name: p for p in estimate_run("gen-stage1").parts}
     assert stage1["SANA DiT"].passes == 2 + 1  # frozen DiT, gradients pass through to the connector
-    plain = {p.name: p for p in make_plan("gen-stage1", overrides=["train.activation_checkpointing=[]"]).parts}
+    plain = {p.name: p for p in estimate_run("gen-stage1", overrides=["train.activation_checkpointing=[]"]).parts}
     assert plain["SANA DiT"].passes == 2 and plain["LLM"].passes == 2
 
 

@@ -13,12 +13,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from jobs.evaluate import evaluate
-from jobs.loop import build_stage, optimizer_step
-from jobs.optim import deepspeed_config
-from jobs.recipes import load_recipe
+from jobs.evaluation.held_out import evaluate
+from jobs.training.loop import build_stage, optimizer_step
+from jobs.training.optim import deepspeed_config
+from jobs.training.recipes import load_recipe
 from pipelines.mix import collate
-from pipelines.sample_data import decode, generation_sample
+from pipelines.sample_data import generation_sample
+from unilip.errors import UserError
+from unilip.images import read_image
 from unilip.prompts import edit_prompt, generation_prompt
 
 
@@ -43,14 +45,16 @@ def process_group():
 
 @pytest.fixture(scope="module")
 def photos():
-    return np.stack([np.asarray(decode(generation_sample(0, i, 256)["jpg"]).resize((448, 448))) for i in range(4)])
+    return np.stack([np.asarray(read_image(generation_sample(0, i, 256)["jpg"]).resize((448, 448))) for i in range(4)])
 
 
 def engine_for(recipe):
     import deepspeed
 
     stage = build_stage(recipe, None, None, "cpu")
-    engine, *_ = deepspeed.initialize(model=stage.net, optimizer=stage.optimizer, config=deepspeed_config(recipe.train, 1))
+    engine, *_ = deepspeed.initialize(
+        model=stage.net, optimizer=stage.optimizer, config=deepspeed_config(recipe.train, 1)
+    )
     return engine, stage
 
 
@@ -59,16 +63,31 @@ def raw_batch(photos: np.ndarray, task: str, size: int) -> dict:
 
     images = np.stack([np.asarray(Image.fromarray(p).resize((size, size))) for p in photos])
     n = len(images)
-    prompts = [edit_prompt("Make it brighter.") if task == "editing" else generation_prompt("a photo") for _ in range(n)]
-    return {"key": np.array([str(i) for i in range(n)]), "prompt": np.array(prompts, dtype=object),
-            "task": np.array([task] * n, dtype=object), "image": images} | ({"source": images} if task == "editing" else {})  # fmt: skip
+    prompts = [
+        edit_prompt("Make it brighter.") if task == "editing" else generation_prompt("a photo") for _ in range(n)
+    ]
+    return {
+        "key": np.array([str(i) for i in range(n)]),
+        "prompt": np.array(prompts, dtype=object),
+        "task": np.array([task] * n, dtype=object),
+        "image": images,
+    } | ({"source": images} if task == "editing" else {})
 
 
 def test_reconstruction_with_gan_and_distillation_from_step_0_trains_in_bf16(process_group, photos):
     # the shipped recon-stage2 losses, the adversarial loss on from the first step
-    recipe = load_recipe("recon-stage2", ["model.preset=tiny", "train.micro_batch=2", "train.global_batch=2",
-                                          "train.warmup_steps=1", "loss.gan_start_step=0",
-                                          "loss.lpips_weights=null", "loss.convnext_weights=null"])  # fmt: skip
+    recipe = load_recipe(
+        "recon-stage2",
+        [
+            "model.preset=tiny",
+            "train.micro_batch=2",
+            "train.global_batch=2",
+            "train.warmup_steps=1",
+            "loss.gan_start_step=0",
+            "loss.lpips_weights=null",
+            "loss.convnext_weights=null",
+        ],
+    )
     assert recipe.train.precision == "bf16" and recipe.loss.lpips_net == "vgg" and recipe.loss.gan_loss == "hinge"
     assert recipe.loss.convnext == 0.1 and recipe.loss.lecam == 0.001 and recipe.loss.discriminator_width == 128
     torch.manual_seed(0)
@@ -83,12 +102,16 @@ def test_reconstruction_with_gan_and_distillation_from_step_0_trains_in_bf16(pro
     decoder_before = [p.float().clone() for p in model.pixel_decoder.parameters()]
     batch = collate(raw_batch(photos[:2], "generation", 224))
     for step in range(2):
-        terms = optimizer_step(engine, stage, [batch], step, recipe, 1, random.Random(0), torch.Generator().manual_seed(0), "cpu")
+        terms = optimizer_step(
+            engine, stage, [batch], step, recipe, 1, random.Random(0), torch.Generator().manual_seed(0), "cpu"
+        )
         assert set(terms) == {"mse", "lpips", "convnext", "distill", "gan", "loss", "critic", "lecam"}
         assert all(math.isfinite(v) for v in terms.values()), terms
     # fp32 terms of a bf16 reconstruction
     direct = model.reconstruction_terms(batch["pixel_values"], loss, step=0)
-    assert direct["recon"].dtype == torch.float32 and all(v.dtype == torch.float32 for k, v in direct.items() if k != "recon")
+    assert direct["recon"].dtype == torch.float32 and all(
+        v.dtype == torch.float32 for k, v in direct.items() if k != "recon"
+    )
     assert all(torch.isfinite(v) for k, v in direct.items() if k != "recon")
     # both the model and the discriminator trained; the LeCam running means moved
     assert any(not torch.equal(a, p.float()) for a, p in zip(decoder_before, model.pixel_decoder.parameters()))
@@ -98,14 +121,24 @@ def test_reconstruction_with_gan_and_distillation_from_step_0_trains_in_bf16(pro
 
 
 def test_generation_stage_trains_and_evaluates_in_bf16(process_group, photos):
-    recipe = load_recipe("gen-stage2", ["model.preset=tiny", "model.num_queries=16", "train.micro_batch=2",
-                                        "train.global_batch=4", "train.warmup_steps=1"])  # fmt: skip
+    recipe = load_recipe(
+        "gen-stage2",
+        [
+            "model.preset=tiny",
+            "model.num_queries=16",
+            "train.micro_batch=2",
+            "train.global_batch=4",
+            "train.warmup_steps=1",
+        ],
+    )
     assert recipe.train.precision == "bf16"
     torch.manual_seed(0)
     engine, stage = engine_for(recipe)
     assert stage.net.model.generator.dit.dtype == torch.bfloat16
     micro = [collate(raw_batch(photos[:2], "generation", 448)), collate(raw_batch(photos[2:], "editing", 448))]
-    terms = optimizer_step(engine, stage, micro, 0, recipe, 1, random.Random(0), torch.Generator().manual_seed(0), "cpu")
+    terms = optimizer_step(
+        engine, stage, micro, 0, recipe, 1, random.Random(0), torch.Generator().manual_seed(0), "cpu"
+    )
     assert {"flow_generation", "flow_editing", "loss"} <= set(terms) and all(math.isfinite(v) for v in terms.values())
     # the evaluation that runs every eval_every steps: generation and edits of a bf16 model
     model = stage.net.model.eval()
@@ -116,14 +149,32 @@ def test_generation_stage_trains_and_evaluates_in_bf16(process_group, photos):
 
 
 def test_fp32_remains_selectable(process_group, photos):
-    recipe = load_recipe("recon-stage1", ["model.preset=tiny", "train.micro_batch=1", "train.global_batch=1",
-                                          "train.precision=fp32", "loss.lpips_net=alex", "loss.lpips_weights=null",
-                                          "loss.convnext=0"])  # fmt: skip
+    recipe = load_recipe(
+        "recon-stage1",
+        [
+            "model.preset=tiny",
+            "train.micro_batch=1",
+            "train.global_batch=1",
+            "train.precision=fp32",
+            "loss.lpips_net=alex",
+            "loss.lpips_weights=null",
+            "loss.convnext=0",
+        ],
+    )
     torch.manual_seed(0)
     engine, stage = engine_for(recipe)
     assert {p.dtype for p in stage.net.model.pixel_decoder.parameters()} == {torch.float32}
-    terms = optimizer_step(engine, stage, [collate(raw_batch(photos[:1], "generation", 224))], 0, recipe, 1,
-                           random.Random(0), torch.Generator().manual_seed(0), "cpu")  # fmt: skip
+    terms = optimizer_step(
+        engine,
+        stage,
+        [collate(raw_batch(photos[:1], "generation", 224))],
+        0,
+        recipe,
+        1,
+        random.Random(0),
+        torch.Generator().manual_seed(0),
+        "cpu",
+    )
     assert set(terms) == {"mse", "lpips", "loss"} and all(math.isfinite(v) for v in terms.values())
 
 
@@ -137,7 +188,7 @@ def test_inference_runs_in_the_device_s_precision_with_sdpa(photos):
 
     assert inference_dtype("cuda") == torch.bfloat16 and inference_dtype("cpu") == torch.float32
     assert inference_dtype("cpu", "bf16") == torch.bfloat16
-    with pytest.raises(ValueError, match="dtype must be auto, bf16 or fp32, got 'fp16'"):
+    with pytest.raises(UserError, match="dtype must be auto, bf16 or fp32, got 'fp16'"):
         inference_dtype("cuda", "fp16")
 
     image = Image.fromarray(photos[0])
@@ -145,9 +196,14 @@ def test_inference_runs_in_the_device_s_precision_with_sdpa(photos):
     for dtype in ("fp32", "bf16"):
         model = UniLIP.from_preset("tiny").for_inference("cpu", dtype)
         assert {p.dtype for p in model.parameters()} == {inference_dtype("cpu", dtype)}
-        outputs[dtype] = [np.asarray(im, dtype=np.float32) for im in (
-            model.generate(["a red fox"], steps=2, seed=0)[0], model.edit([image], ["make it blue"], steps=2, seed=0)[0],
-            model.reconstruct([image])[0])]  # fmt: skip
+        outputs[dtype] = [
+            np.asarray(im, dtype=np.float32)
+            for im in (
+                model.generate(["a red fox"], steps=2, seed=0)[0],
+                model.edit([image], ["make it blue"], steps=2, seed=0)[0],
+                model.reconstruct([image])[0],
+            )
+        ]
         assert model.understand(image, "What is this?", max_new_tokens=4) is not None
     for a, b in zip(outputs["fp32"], outputs["bf16"]):
         assert a.shape == b.shape == (448, 448, 3)
@@ -158,4 +214,6 @@ def test_inference_runs_in_the_device_s_precision_with_sdpa(photos):
     assert cfg.vision_config._attn_implementation == cfg.text_config._attn_implementation == "sdpa"
     assert model.generator.connector.model.config._attn_implementation == "sdpa"
     dit = model.generator.dit
-    assert {type(b.attn2.processor).__name__ for b in dit.transformer_blocks} == {"SanaAttnProcessor2_0"}  # F.scaled_dot_product_attention
+    assert {type(b.attn2.processor).__name__ for b in dit.transformer_blocks} == {
+        "SanaAttnProcessor2_0"
+    }  # F.scaled_dot_product_attention

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from pipelines.decode import SampleDecoder
-from pipelines.sample_data import decode, generation_sample
+from pipelines.sample_data import generation_sample
 from unilip.config import ModelConfig
+from unilip.errors import UserError
+from unilip.images import read_image
 from unilip.model import UniLIP
 from unilip.prompts import MAX_PROMPT_TOKENS, NULL_EDIT, NULL_GENERATION
 from unilip.tokenizer import IMG_CONTEXT, IMG_END, IMG_START
@@ -37,11 +39,27 @@ def _jpeg(i: int) -> bytes:
 
 def training_prompts() -> dict[str, str]:
     """The prompt column the data plane produces for one caption and one instruction."""
-    gen = SampleDecoder("generation", 56)({"key": ["g"], "url": ["u"], "index": [0], "skip": [""],
-                                           "text": [b"a red fox in the snow\n"], "image": [_jpeg(0)]})  # fmt: skip
-    edit = SampleDecoder("editing", 56)({"key": ["e"], "url": ["u"], "index": [1], "skip": [""],
-                                         "text": [b"<image>\nMake it black and white."], "image": [_jpeg(1)],
-                                         "source": [_jpeg(2)]})  # fmt: skip
+    gen = SampleDecoder("generation", 56)(
+        {
+            "key": ["g"],
+            "url": ["u"],
+            "index": [0],
+            "skip": [""],
+            "text": [b"a red fox in the snow\n"],
+            "image": [_jpeg(0)],
+        }
+    )
+    edit = SampleDecoder("editing", 56)(
+        {
+            "key": ["e"],
+            "url": ["u"],
+            "index": [1],
+            "skip": [""],
+            "text": [b"<image>\nMake it black and white."],
+            "image": [_jpeg(1)],
+            "source": [_jpeg(2)],
+        }
+    )
     return {"generation": gen["prompt"][0], "editing": edit["prompt"][0]}
 
 
@@ -65,8 +83,10 @@ def recorded_sequences(model, call) -> list[list[int]]:
 def test_training_and_inference_prompts_are_the_release_token_sequences(model):
     tok = model.tokenizer
     batch = training_prompts()
-    assert batch == {"generation": "Generate an image: a red fox in the snow",
-                     "editing": "Edit the image: Make it black and white.\n<image>"}  # fmt: skip
+    assert batch == {
+        "generation": "Generate an image: a red fox in the snow",
+        "editing": "Edit the image: Make it black and white.\n<image>",
+    }
     gen_expected = release_ids(tok, "Generate an image: a red fox in the snow")
     edit_expected = release_ids(tok, f"Edit the image: Make it black and white.\n{REF}")  # the image after the text
     null_gen, null_edit = release_ids(tok, "Generate an image."), release_ids(tok, f"Edit the image.\n{REF}")
@@ -76,7 +96,7 @@ def test_training_and_inference_prompts_are_the_release_token_sequences(model):
     assert model.generator.tokens(NULL_GENERATION, 0)[0] == null_gen
     assert model.generator.tokens(NULL_EDIT, 256)[0] == null_edit
     # inference: what generate and edit build from the user's text, conditional and null
-    photo = decode(_jpeg(3))
+    photo = read_image(_jpeg(3))
     generated = recorded_sequences(model, lambda: model.generate(["a red fox in the snow"], steps=1, seed=0))
     edited = recorded_sequences(model, lambda: model.edit([photo], ["Make it black and white."], steps=1, seed=0))
     # (the prompt is tokenized once more when it is checked against the length limit)
@@ -96,7 +116,7 @@ def test_overlong_prompts_are_cut_in_training_and_refused_at_inference(model):
     assert len(slots) == 256  # the reference image stays whole
     tail = tok.encode(f"{IMG_END}<|im_end|>\n<|im_start|>assistant\n{IMG_START}", add_special_tokens=False)
     assert ids[slots[-1] + 1 : slots[-1] + 1 + len(tail)] == tail  # so does the chat framing
-    with pytest.raises(ValueError, match="the limit is 767"):
+    with pytest.raises(UserError, match="the limit is 767"):
         model.generator.tokens(long_edit, 256)
 
 
@@ -112,10 +132,26 @@ class Counts:
 
 def test_long_captions_are_skipped_and_counted():
     counts = Counts()
-    out = SampleDecoder("generation", 56, counts)({"key": ["a", "b"], "url": ["u", "u"], "index": [0, 1], "skip": ["", ""],
-                                                   "image": [_jpeg(0), _jpeg(1)],
-                                                   "text": [("x" * 1000).encode(), ("x" * 1001).encode()]})  # fmt: skip
+    out = SampleDecoder("generation", 56, counts)(
+        {
+            "key": ["a", "b"],
+            "url": ["u", "u"],
+            "index": [0, 1],
+            "skip": ["", ""],
+            "image": [_jpeg(0), _jpeg(1)],
+            "text": [("x" * 1000).encode(), ("x" * 1001).encode()],
+        }
+    )
     assert list(out["key"]) == ["a"] and counts.seen == [{"caption_too_long": 1}]  # 1,000 characters pass, 1,001 do not
-    edit = SampleDecoder("editing", 56)({"key": ["e"], "url": ["u"], "index": [0], "skip": [""], "image": [_jpeg(0)],
-                                         "source": [_jpeg(1)], "text": [("y" * 1500).encode()]})  # fmt: skip
+    edit = SampleDecoder("editing", 56)(
+        {
+            "key": ["e"],
+            "url": ["u"],
+            "index": [0],
+            "skip": [""],
+            "image": [_jpeg(0)],
+            "source": [_jpeg(1)],
+            "text": [("y" * 1500).encode()],
+        }
+    )
     assert list(edit["key"]) == ["e"]  # the release filters captions only, not instructions

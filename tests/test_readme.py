@@ -1,5 +1,6 @@
-"""The README's commands exist: every `unilip ...` line in its code blocks parses with the
-real command line, and every option its synopsis names is in that command's --help."""
+"""The docs' commands exist: every `unilip ...` line in the code blocks of README.md and
+docs/*.md parses with the real command line, and every option a synopsis names is in that
+command's --help; every doc the README links to exists, and the README stays a front page."""
 
 import argparse
 import re
@@ -7,10 +8,11 @@ import shlex
 
 import pytest
 
+from cli import build_parser
 from tests.conftest import ROOT
-from unilip.cli import build_parser
 
 README = (ROOT / "README.md").read_text()
+DOCS = [README] + [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))]
 
 
 def code_lines(text: str) -> list[str]:
@@ -24,7 +26,7 @@ def code_lines(text: str) -> list[str]:
     return lines
 
 
-LINES = code_lines(README)
+LINES = [line for text in DOCS for line in code_lines(text)]
 COMMANDS = [line for line in LINES if line.startswith("unilip ")]
 CONCRETE = [c for c in COMMANDS if not re.search(r"[\[|]|\.\.\.", c)]  # synopsis lines have [opt] and a|b
 SYNOPSIS = [c for c in COMMANDS if c not in CONCRETE]
@@ -54,7 +56,7 @@ def test_every_concrete_readme_command_parses(command):
         build_parser().parse_args(argv)
     except SystemExit as e:
         if e.code != 0:  # --help exits 0
-                pytest.fail(f"README command does not parse ({e.code}): {command}")
+            pytest.fail(f"README command does not parse ({e.code}): {command}")
 
 
 @pytest.mark.parametrize("synopsis", SYNOPSIS)
@@ -63,3 +65,11 @@ def test_every_option_in_the_synopsis_is_in_the_help(synopsis):
     help_text = subcommand_help(words)
     for flag in sorted(set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", synopsis))):
         assert flag in help_text, f"{flag} of `{synopsis}` is not in its --help"
+
+
+def test_the_readme_is_a_front_page_whose_links_resolve():
+    import re
+
+    assert len(README.splitlines()) < 200
+    links = re.findall(r"\]\(([^)#]+)\)", README)
+    assert "docs/layout.md" in links and all((ROOT / link).exists() for link in links), links

@@ -4,8 +4,9 @@ the meta device, parameter counts against the checkpoints', the widened tokenize
 import pytest
 
 from tests.conftest import run_cli
-from unilip.presets import build_parts
-from unilip.real_configs import PUBLISHED_PARAMETERS
+from unilip.architectures import PUBLISHED_PARAMETERS
+from unilip.errors import UserError
+from unilip.presets import build_backbones
 from unilip.summary import count, parameter_summary
 from unilip.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, INTERNVL3, build_tiny_tokenizer
 
@@ -31,7 +32,7 @@ def test_real_presets_have_the_published_parameter_counts(summaries):
 
 
 def test_a_random_real_preset_is_wired_for_the_real_token_ids():
-    parts = build_parts("unilip-1b", init="random", device="meta")
+    parts = build_backbones("unilip-1b", init="random", device="meta")
     config = parts.mllm.config
     assert config.vision_config.initializer_range == 0.02  # not InternViT's published 1e-10: a tower of zeros
     assert parts.mllm.lm_head.weight is not parts.mllm.model.language_model.embed_tokens.weight
@@ -62,5 +63,5 @@ def test_model_summary_cli():
 
 
 def test_an_unknown_init_is_refused():
-    with pytest.raises(ValueError, match="model.init must be one of pretrained, random"):
-        build_parts("tiny", init="zeros")
+    with pytest.raises(UserError, match="model.init must be one of pretrained, random"):
+        build_backbones("tiny", init="zeros")

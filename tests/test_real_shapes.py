@@ -7,12 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from cluster.memory import CAPTION, meta_stage, micro_batch_step, micro_batches
-from jobs.recipes import load_recipe, recipe_names
+from jobs.performance.memory import CAPTION, meta_stage, micro_batch_step, micro_batches
+from jobs.training.recipes import load_recipe, recipe_names
 from unilip.meta import meta_run
 
 # every recipe at 1B; at 3B (other widths everywhere) the stage of each kind that runs the most
-CASES = [(name, "unilip-1b") for name in recipe_names()] + [("recon-stage2-448", "unilip-3b"), ("gen-stage2", "unilip-3b")]
+CASES = [(name, "unilip-1b") for name in recipe_names()] + [
+    ("recon-stage2-448", "unilip-3b"),
+    ("gen-stage2", "unilip-3b"),
+]
 
 
 @pytest.mark.parametrize("name,preset", CASES)
@@ -22,7 +25,12 @@ def test_a_real_size_training_micro_batch(name, preset):
     model = stage.net.model
     # every trained parameter gets its gradient, except the connector's one-row embedding
     # table: a Qwen2Model always has one, the connector takes embeddings
-    trained = [p for g in model.param_groups() for n, p in g["named"] if (g["name"], n) != ("connector", "model.embed_tokens.weight")]
+    trained = [
+        p
+        for g in model.param_groups()
+        for n, p in g["named"]
+        if (g["name"], n) != ("connector", "model.embed_tokens.weight")
+    ]
     with meta_run():
         for _, batch in micro_batches(recipe):
             terms = micro_batch_step(stage, recipe, batch)
@@ -34,7 +42,9 @@ def test_a_real_size_training_micro_batch(name, preset):
         stage.optimizer.step()
 
 
-@pytest.mark.parametrize("preset,dit_pos_embed", [("unilip-1b", "none"), ("unilip-3b", "none"), ("unilip-1b", "sincos")])
+@pytest.mark.parametrize(
+    "preset,dit_pos_embed", [("unilip-1b", "none"), ("unilip-3b", "none"), ("unilip-1b", "sincos")]
+)
 def test_a_real_size_sampling_step(preset, dit_pos_embed):
     from unilip.config import ModelConfig
     from unilip.model import UniLIP

@@ -1,6 +1,7 @@
 import pytest
 
 from unilip.config import S3Config
+from unilip.errors import UserError
 from unilip.s3 import S3Error, s3_access, split_s3
 
 
@@ -34,7 +35,7 @@ def test_errors_name_bucket_key_and_cause(s3, stack):
     with pytest.raises(S3Error) as e:
         s3.put_bytes("s3://no-such-bucket-here/k", b"x")
     assert "s3://no-such-bucket-here/k" in str(e.value) and "NoSuchBucket" in str(e.value)
-    with pytest.raises(ValueError, match="not an s3:// URI"):
+    with pytest.raises(UserError, match="not an s3:// URI"):
         split_s3("/local/path")
 
 

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.sample_data import PHOTOS, apply_edit, build_sample_dataset, decode
+from pipelines.sample_data import PHOTOS, apply_edit, build_sample_dataset
 from pipelines.shards import Manifest
 from tests.conftest import run_cli
+from unilip.errors import UserError
+from unilip.images import read_image
 from unilip.s3 import s3_access
 
 
@@ -43,7 +45,7 @@ def test_shards_manifests_and_generation_samples(tmp_path):
         for key, members in _samples((tmp_path / "generation" / shard.path).read_bytes()).items():
             keys.append(key)
             assert set(members) == {"jpg", "txt", "json"}
-            img = decode(members["jpg"])
+            img = read_image(members["jpg"])
             assert max(img.size) == 160 and min(img.size) >= 16
             caption = members["txt"].decode()
             assert any(caption.lower().startswith(c.lower()) for c in captions), caption
@@ -60,7 +62,7 @@ def test_every_edit_target_is_the_recomputed_edit_of_its_input(tmp_path):
             assert set(members) == {"input.jpg", "output.jpg", "txt", "json"}, key
             meta = json.loads(members["json"])
             ops.add(meta["op"])
-            src, out = decode(members["input.jpg"]), decode(members["output.jpg"])
+            src, out = read_image(members["input.jpg"]), read_image(members["output.jpg"])
             recomputed = apply_edit(src, meta["op"], meta["params"])
             assert recomputed.size == out.size, key
             err = _mean_abs(recomputed, out)
@@ -84,9 +86,15 @@ def test_writes_to_s3(s3, stack):
     uri = f"s3://{stack.bucket}/sample-test"
     build_sample_dataset(uri, s3, 5, 3, shard_size=4, size=96, log=lambda m: None)
     keys = s3.list_keys(uri)
-    assert keys == sorted([f"{uri}/editing/edit-000000.tar", f"{uri}/editing/manifest.json",
-                           f"{uri}/generation/gen-000000.tar", f"{uri}/generation/gen-000001.tar",
-                           f"{uri}/generation/manifest.json"])  # fmt: skip
+    assert keys == sorted(
+        [
+            f"{uri}/editing/edit-000000.tar",
+            f"{uri}/editing/manifest.json",
+            f"{uri}/generation/gen-000000.tar",
+            f"{uri}/generation/gen-000001.tar",
+            f"{uri}/generation/manifest.json",
+        ]
+    )
     samples = _samples(s3.get_bytes(f"{uri}/editing/edit-000000.tar"))
     assert len(samples) == 3
 
@@ -101,7 +109,7 @@ def test_writes_to_s3(s3, stack):
     ],
 )
 def test_bad_arguments(tmp_path, kw, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         _build_local(tmp_path, **kw)
 
 

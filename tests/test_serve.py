@@ -54,21 +54,48 @@ def test_openai_client_generates_edits_and_chats(server):
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{server}/v1", api_key=KEY)
-    gen = client.images.generate(model="unilip", prompt="a red fox in the snow", n=2, size="448x448",
-                                 response_format="b64_json", extra_body={"seed": 1, "num_inference_steps": 2})  # fmt: skip
+    gen = client.images.generate(
+        model="unilip",
+        prompt="a red fox in the snow",
+        n=2,
+        size="448x448",
+        response_format="b64_json",
+        extra_body={"seed": 1, "num_inference_steps": 2},
+    )
     assert [decode(d.b64_json).size for d in gen.data] == [(448, 448)] * 2
-    again = client.images.generate(model="unilip", prompt="a red fox in the snow", n=1, response_format="b64_json",
-                                   extra_body={"seed": 1, "num_inference_steps": 2})  # fmt: skip
+    again = client.images.generate(
+        model="unilip",
+        prompt="a red fox in the snow",
+        n=1,
+        response_format="b64_json",
+        extra_body={"seed": 1, "num_inference_steps": 2},
+    )
     # A seed fixes the image whatever else is in the batch (up to float rounding of batched kernels).
     diff = np.abs(np.asarray(decode(again.data[0].b64_json), float) - np.asarray(decode(gen.data[0].b64_json), float))
     other = np.abs(np.asarray(decode(gen.data[1].b64_json), float) - np.asarray(decode(gen.data[0].b64_json), float))
     assert diff.mean() < 0.5 and other.mean() > 5 * max(diff.mean(), 0.1), (diff.mean(), other.mean())
-    edit = client.images.edit(model="unilip", image=("in.png", png_bytes(), "image/png"), prompt="make it blue",
-                              response_format="b64_json", extra_body={"num_inference_steps": 2})  # fmt: skip
+    edit = client.images.edit(
+        model="unilip",
+        image=("in.png", png_bytes(), "image/png"),
+        prompt="make it blue",
+        response_format="b64_json",
+        extra_body={"num_inference_steps": 2},
+    )
     assert decode(edit.data[0].b64_json).size == (448, 448)
     uri = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
-    chat = client.chat.completions.create(model="unilip", max_tokens=8, messages=[{"role": "user", "content": [
-        {"type": "text", "text": "What is in the image?"}, {"type": "image_url", "image_url": {"url": uri}}]}])  # fmt: skip
+    chat = client.chat.completions.create(
+        model="unilip",
+        max_tokens=8,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is in the image?"},
+                    {"type": "image_url", "image_url": {"url": uri}},
+                ],
+            }
+        ],
+    )
     assert chat.choices[0].message.role == "assistant" and isinstance(chat.choices[0].message.content, str)
     recon = requests.post(f"{server}/v1/reconstructions", json={"image": uri}, headers=auth(), timeout=60)
     assert recon.status_code == 200 and decode(recon.json()["data"][0]["b64_json"]).size == (448, 448)
@@ -90,35 +117,110 @@ def malformed_requests(big: int) -> list[tuple[str, dict]]:
     for body in ["{", "{bad json}", "[1, 2", "\xff\xfe", "", "null", "[]", '"text"', "12"]:
         for path in (gen, recon, chat):
             cases.append((path, {"data": body.encode("utf-8", "surrogateescape") if isinstance(body, str) else body}))
-    for extra in [{}, {"prompt": None}, {"prompt": ""}, {"prompt": "   "}, {"prompt": 5}, {"prompt": ["a"]},
-                  {"prompt": "x" * 5000}, {"prompt": "a <img> b"}]:  # fmt: skip
+    for extra in [
+        {},
+        {"prompt": None},
+        {"prompt": ""},
+        {"prompt": "   "},
+        {"prompt": 5},
+        {"prompt": ["a"]},
+        {"prompt": "x" * 5000},
+        {"prompt": "a <img> b"},
+    ]:
         cases.append((gen, {"json": {**{"n": 1}, **extra}}))
-    for k, bad in [("n", 0), ("n", 5), ("n", -1), ("n", 2.5), ("n", "two"), ("n", True), ("size", "512x512"),
-                   ("size", "1024x1024"), ("size", 448), ("response_format", "url"), ("guidance_scale", float("nan")),
-                   ("guidance_scale", float("inf")), ("guidance_scale", -1), ("guidance_scale", 1000), ("guidance_scale", "high"),
-                   ("num_inference_steps", 0), ("num_inference_steps", 100000), ("num_inference_steps", 1.5),
-                   ("num_inference_steps", "NaN"), ("seed", -5), ("seed", 2**40), ("seed", "abc")]:  # fmt: skip
+    for k, bad in [
+        ("n", 0),
+        ("n", 5),
+        ("n", -1),
+        ("n", 2.5),
+        ("n", "two"),
+        ("n", True),
+        ("size", "512x512"),
+        ("size", "1024x1024"),
+        ("size", 448),
+        ("response_format", "url"),
+        ("guidance_scale", float("nan")),
+        ("guidance_scale", float("inf")),
+        ("guidance_scale", -1),
+        ("guidance_scale", 1000),
+        ("guidance_scale", "high"),
+        ("num_inference_steps", 0),
+        ("num_inference_steps", 100000),
+        ("num_inference_steps", 1.5),
+        ("num_inference_steps", "NaN"),
+        ("seed", -5),
+        ("seed", 2**40),
+        ("seed", "abc"),
+    ]:
         payload = json.dumps({"prompt": "a fox", k: bad}, allow_nan=True)
         cases.append((gen, {"data": payload}))
-    for image in [None, "", 7, "not base64 !!", "data:image/png,abc", "data:image/png;base64,%%%",
-                  base64.b64encode(b"not an image at all").decode(), base64.b64encode(png_bytes()[:40]).decode(),
-                  base64.b64encode(png_bytes((8, 8))).decode(), "http://example.com/a.png", "A" * (big + 10)]:  # fmt: skip
+    for image in [
+        None,
+        "",
+        7,
+        "not base64 !!",
+        "data:image/png,abc",
+        "data:image/png;base64,%%%",
+        base64.b64encode(b"not an image at all").decode(),
+        base64.b64encode(png_bytes()[:40]).decode(),
+        base64.b64encode(png_bytes((8, 8))).decode(),
+        "http://example.com/a.png",
+        "A" * (big + 10),
+    ]:
         cases.append((recon, {"json": {"image": image}}))
         part = {"type": "image_url", "image_url": {"url": image}}
-        cases.append((chat, {"json": {"messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, part]}]}}))
-    for messages in [None, [], "hi", [{"role": "assistant", "content": "hi"}], [{"role": "user", "content": "no image"}],
-                     [{"role": "user", "content": [{"type": "text", "text": "two images"}] + [
-                         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + good_b64}}] * 2}],
-                     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + good_b64}}]}],
-                     [{"role": "user", "content": [{"type": "audio"}]}]]:  # fmt: skip
+        cases.append(
+            (chat, {"json": {"messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, part]}]}})
+        )
+    for messages in [
+        None,
+        [],
+        "hi",
+        [{"role": "assistant", "content": "hi"}],
+        [{"role": "user", "content": "no image"}],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "two images"}]
+                + [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + good_b64}}] * 2,
+            }
+        ],
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + good_b64}}],
+            }
+        ],
+        [{"role": "user", "content": [{"type": "audio"}]}],
+    ]:
         cases.append((chat, {"json": {"messages": messages}}))
-    cases.append((chat, {"json": {"max_tokens": 0, "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "q"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64," + good_b64}}]}]}}))  # fmt: skip
-    for files, form in [({}, {"prompt": "blue"}), ({"image": ("a.txt", b"hello", "text/plain")}, {"prompt": "blue"}),
-                        ({"image": ("a.png", png_bytes(), "image/png")}, {}),
-                        ({"image": ("a.png", png_bytes(), "image/png")}, {"prompt": ""}),
-                        ({"image": ("a.png", png_bytes(), "image/png")}, {"prompt": "blue", "n": "many"}),
-                        ({"image": ("a.png", png_bytes(), "image/png")}, {"prompt": "blue", "size": "64x64"})]:  # fmt: skip
+    cases.append(
+        (
+            chat,
+            {
+                "json": {
+                    "max_tokens": 0,
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "text", "text": "q"},
+                                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + good_b64}},
+                            ],
+                        }
+                    ],
+                }
+            },
+        )
+    )
+    for files, form in [
+        ({}, {"prompt": "blue"}),
+        ({"image": ("a.txt", b"hello", "text/plain")}, {"prompt": "blue"}),
+        ({"image": ("a.png", png_bytes(), "image/png")}, {}),
+        ({"image": ("a.png", png_bytes(), "image/png")}, {"prompt": ""}),
+        ({"image": ("a.png", png_bytes(), "image/png")}, {"prompt": "blue", "n": "many"}),
+        ({"image": ("a.png", png_bytes(), "image/png")}, {"prompt": "blue", "size": "64x64"}),
+    ]:
         cases.append((edit, {"files": files, "data": form}))
     cases.append((edit, {"json": {"prompt": "not multipart"}}))
     cases.append((gen, {"data": b"x" * (big + 1)}))  # over the body cap
@@ -133,13 +235,24 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(server):
     for path, kwargs in cases:
         r = requests.post(f"{server}{path}", headers=auth(), timeout=120, **kwargs)
         statuses.append(r.status_code)
-        assert 400 <= r.status_code < 500, (path, kwargs.get("json") or str(kwargs.get("data"))[:200], r.status_code, r.text[:300])
+        assert 400 <= r.status_code < 500, (
+            path,
+            kwargs.get("json") or str(kwargs.get("data"))[:200],
+            r.status_code,
+            r.text[:300],
+        )
         assert r.json()["error"]["message"], r.text
     assert requests.get(f"{server}/healthz", timeout=10).status_code == 200
-    ok = requests.post(f"{server}/v1/images/generations", headers=auth(),
-                       json={"prompt": "a fox", "num_inference_steps": 1}, timeout=120)  # fmt: skip
+    ok = requests.post(
+        f"{server}/v1/images/generations",
+        headers=auth(),
+        json={"prompt": "a fox", "num_inference_steps": 1},
+        timeout=120,
+    )
     assert ok.status_code == 200
-    print(f"\n{len(statuses)} malformed requests: status counts {({s: statuses.count(s) for s in sorted(set(statuses))})}")
+    print(
+        f"\n{len(statuses)} malformed requests: status counts { ({s: statuses.count(s) for s in sorted(set(statuses))}) }"
+    )
 
 
 def test_concurrent_load(server):
@@ -148,8 +261,12 @@ def test_concurrent_load(server):
         with requests.Session() as s:
             for j in range(25):
                 t0 = time.perf_counter()
-                r = s.post(f"{server}/v1/images/generations", headers=auth(), timeout=300,
-                           json={"prompt": f"a fox number {i}-{j}", "num_inference_steps": 1, "seed": j})  # fmt: skip
+                r = s.post(
+                    f"{server}/v1/images/generations",
+                    headers=auth(),
+                    timeout=300,
+                    json={"prompt": f"a fox number {i}-{j}", "num_inference_steps": 1, "seed": j},
+                )
                 assert r.status_code == 200, r.text[:300]
                 assert len(r.json()["data"]) == 1
                 times.append(time.perf_counter() - t0)
@@ -165,8 +282,12 @@ def test_concurrent_load(server):
 def test_overload_gets_503_with_retry_after_not_a_hang(server):
     # serve.yaml: the model replica takes 8 ongoing + 32 queued requests; 80 at once overflow it.
     def one(i: int) -> tuple[int, str | None]:
-        r = requests.post(f"{server}/v1/images/generations", headers=auth(), timeout=600,
-                          json={"prompt": f"fox {i}", "num_inference_steps": 8, "seed": i})  # fmt: skip
+        r = requests.post(
+            f"{server}/v1/images/generations",
+            headers=auth(),
+            timeout=600,
+            json={"prompt": f"fox {i}", "num_inference_steps": 8, "seed": i},
+        )
         return r.status_code, r.headers.get("Retry-After")
 
     with ThreadPoolExecutor(80) as pool:

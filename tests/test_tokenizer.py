@@ -14,7 +14,9 @@ def test_tiny_tokenizer_special_tokens_and_round_trip(tmp_path):
     ids = tok.encode(text, add_special_tokens=False)
     assert ids.count(tok.convert_tokens_to_ids(IMG_CONTEXT)) == 4
     assert tok.decode(ids) == text
-    chat = tok.apply_chat_template([{"role": "user", "content": "Generate an image."}], tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "Generate an image."}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "<|im_start|>user\nGenerate an image.<|im_end|>\n<|im_start|>assistant\n"
     assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
     assert len(tok) < 2048  # small: the tiny model's embedding table stays small

@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from jobs.fid import inception_network
-from jobs.recipes import chain
-from jobs.train import EXPERIMENT
+from cluster.registry import fetch_model
+from jobs.evaluation.fid import inception_network
+from jobs.training.recipes import chain
+from jobs.training.train import EXPERIMENT
 from pipelines.sample_data import build_sample_dataset
 from pipelines.shards import read_manifest
-from tests.conftest import recorded_samples, run_cli
+from tests.conftest import recorded_samples, run_cli, sets
 from tests.release_fixture import perturbed_tiny, write_release
-from unilip.artifacts import fetch_model
 from unilip.model import UniLIP
 
 
@@ -31,8 +31,9 @@ def train(*args, timeout=900):
 
 
 def mlflow_run(run_name: str):
-    (run,) = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string=f"tags.`unilip.run` = '{run_name}'",
-                                output_format="list")  # fmt: skip
+    (run,) = mlflow.search_runs(
+        experiment_names=[EXPERIMENT], filter_string=f"tags.`unilip.run` = '{run_name}'", output_format="list"
+    )
     return run
 
 
@@ -42,6 +43,10 @@ def loss_steps(run) -> list[int]:
 
 def checkpoints(s3, runs: str) -> list[str]:
     return sorted({k[len(runs) + 1 :].split("/")[0] for k in s3.list_keys(f"{runs}/step-")})
+
+
+# the six-stage chain (trained once, for the module) takes 8-11 minutes on 2 cores
+pytestmark = pytest.mark.timeout(1800)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +68,10 @@ def test_train_all_runs_every_stage_and_exports_a_generating_model(stack, s3, tr
         assert loss_steps(run) == [1, 2, 3, 4, 5, 6], name
         assert {"train/lr", "train/samples_per_s", "train/grad_norm"} <= set(run.data.metrics), name
         timings = {k: run.data.metrics[k] for k in ("train/step_s", "train/data_wait_s", "train/host_s")}
-        assert 0 <= timings["train/data_wait_s"] < timings["train/step_s"] and timings["train/host_s"] > 0, (name, timings)
+        assert 0 <= timings["train/data_wait_s"] < timings["train/step_s"] and timings["train/host_s"] > 0, (
+            name,
+            timings,
+        )
         artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
         assert {"model", "loss.png", "eval"} <= artifacts, name
         registered = run.data.tags["unilip.registered"]
@@ -81,10 +89,14 @@ def test_train_all_runs_every_stage_and_exports_a_generating_model(stack, s3, tr
     run_id = mlflow_run("recon-stage2-448-tiny").info.run_id
     for term in ("mse", "lpips", "distill", "gan", "critic", "lecam", "loss"):
         history = client.get_metric_history(run_id, f"train/{term}")
-        assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(m.value) for m in history), term
+        assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(m.value) for m in history), (
+            term
+        )
     # gen-stage2: global steps that hold both tasks (the workers' micro batches differ)
     run_id = mlflow_run("gen-stage2-tiny").info.run_id
-    assert client.get_metric_history(run_id, "train/flow_generation") and client.get_metric_history(run_id, "train/flow_editing")
+    assert client.get_metric_history(run_id, "train/flow_generation") and client.get_metric_history(
+        run_id, "train/flow_editing"
+    )
     # The exported directory is the model library's, in fp32 (the EMA averages) after bf16 training: it loads and generates.
     for part in ("dit", "connector", "queries"):
         assert {v.dtype for v in load_file(str(export / f"{part}.safetensors")).values()} == {torch.float32}, part
@@ -102,12 +114,21 @@ def test_restarted_run_continues_its_mlflow_run_and_step_count(stack, sample, tr
     assert after.info.run_id == before.info.run_id
     assert loss_steps(after) == list(range(1, 9))
     # other data under a source's name: the saved position would not match it; refused before any worker starts
-    other = run_cli("train", "gen-stage3", "--preset", "tiny", "--set", "train.steps=10",
-                    "--set", f"data.sources.0.uri={sample}/sample-eval/generation")  # fmt: skip
-    assert other.returncode == 2 and "source 'sample-generation' changed since the checkpoint" in other.stderr, other.stderr[-2000:]
+    other = run_cli(
+        "train",
+        "gen-stage3",
+        "--preset",
+        "tiny",
+        *sets("train.steps=10", f"data.sources.0.uri={sample}/sample-eval/generation"),
+    )
+    assert other.returncode == 2 and "source 'sample-generation' changed since the checkpoint" in other.stderr, (
+        other.stderr[-2000:]
+    )
 
 
-def test_worker_killed_twice_in_a_shuffled_epoch_resumes_with_every_sample_once_under_zero3(stack, s3, sample, tmp_path):
+def test_worker_killed_twice_in_a_shuffled_epoch_resumes_with_every_sample_once_under_zero3(
+    stack, s3, sample, tmp_path
+):
     # rFID plumbing: FID Inception weights (random here: none can be downloaded) on S3.
     torch.manual_seed(0)
     weights = tmp_path / "inception.safetensors"
@@ -116,10 +137,21 @@ def test_worker_killed_twice_in_a_shuffled_epoch_resumes_with_every_sample_once_
     # 48 samples in 24 shards, read in the shipped (shuffled) order; 12 steps x global
     # batch 4 = one epoch; a worker dies at steps 5 and 9 of it
     build_sample_dataset(f"{sample}/many", s3, 48, 0, shard_size=2, size=64, log=lambda m: None)
-    logs = train("recon-stage1", "--run-name", "kill", "--set", "train.zero_stage=3", "--set", "train.steps=12",
-                 "--set", "train.checkpoint_every=2", "--set", f"data.sources.0.uri={sample}/many/generation",
-                 "--set", "train.fault_steps=[5, 9]", "--set", "train.record_samples=true", "--set", "train.eval_every=4",
-                 "--set", f"data.fid_weights={sample}/weights/inception.safetensors")  # fmt: skip
+    logs = train(
+        "recon-stage1",
+        "--run-name",
+        "kill",
+        *sets(
+            "train.zero_stage=3",
+            "train.steps=12",
+            "train.checkpoint_every=2",
+            f"data.sources.0.uri={sample}/many/generation",
+            "train.fault_steps=[5, 9]",
+            "train.record_samples=true",
+            "train.eval_every=4",
+            f"data.fid_weights={sample}/weights/inception.safetensors",
+        ),
+    )
     assert "SIGKILL at step 5" in logs and "SIGKILL at step 9" in logs
     # Ray Train registers a reported checkpoint asynchronously: a failure right after a
     # report may leave the one before it as the newest registered. Either is a correct resume.
@@ -147,8 +179,12 @@ def test_worker_killed_twice_in_a_shuffled_epoch_resumes_with_every_sample_once_
     assert {"down_proj", "pixel_decoder"} <= model.trained_parts
 
     # The same run name again: a finished, exported run is not trained or exported twice.
-    again = train("recon-stage1", "--run-name", "kill", "--set", "train.zero_stage=3", "--set", "train.steps=12",
-                  "--set", f"data.sources.0.uri={sample}/many/generation")  # fmt: skip
+    again = train(
+        "recon-stage1",
+        "--run-name",
+        "kill",
+        *sets("train.zero_stage=3", "train.steps=12", f"data.sources.0.uri={sample}/many/generation"),
+    )
     assert "already finished and exported" in again
 
 
@@ -156,12 +192,26 @@ def test_gen_stage3_trains_from_a_converted_release_checkpoint(stack, sample, tm
     """A release checkpoint -> `unilip convert official --register` -> `unilip train gen-stage3 --from models:/...`."""
     tiny = perturbed_tiny()
     release = write_release(tiny, tmp_path / "UniLIP-tiny")
-    converted = run_cli("convert", "official", "--src", str(release), "--out", str(tmp_path / "converted"),
-                        "--register", "unilip-tiny-release")  # fmt: skip
+    converted = run_cli(
+        "convert",
+        "official",
+        "--src",
+        str(release),
+        "--out",
+        str(tmp_path / "converted"),
+        "--register",
+        "unilip-tiny-release",
+    )
     assert converted.returncode == 0, converted.stderr[-3000:]
     assert "registered models:/unilip-tiny-release/1" in converted.stdout
-    out = train("gen-stage3", "--from", "models:/unilip-tiny-release/1", "--run-name", "from-release", "--set", "train.steps=2",
-                "--set", "train.checkpoint_every=2", "--set", "train.eval_every=2")  # fmt: skip
+    out = train(
+        "gen-stage3",
+        "--from",
+        "models:/unilip-tiny-release/1",
+        "--run-name",
+        "from-release",
+        *sets("train.steps=2", "train.checkpoint_every=2", "train.eval_every=2"),
+    )
     assert "DiT positional embedding 'sincos', as the starting model's generator was trained" in out
     run = mlflow_run("from-release")
     assert loss_steps(run) == [1, 2]

@@ -1,6 +1,6 @@
 """Typed configuration: dataclasses for storage, model, data and training (serving: serve/serve.yaml).
 
-A training stage is a `Recipe` loaded from a YAML file (`jobs/recipes/NAME.yaml`); any
+A training stage is a `Recipe` loaded from a YAML file (`jobs/training/recipes/NAME.yaml`); any
 field can be overridden with dotted keys, as the CLI's `--set train.lr=2e-4` does.
 Values are checked against the field types, and an unknown key or a value of the wrong
 type raises `ConfigError` naming the key and what is allowed.
@@ -17,9 +17,11 @@ from typing import Any, Literal
 
 import yaml
 
+from unilip.errors import UserError
 
-class ConfigError(ValueError):
-    """A configuration key or value that does not fit the schema."""
+
+class ConfigError(UserError):
+    """A configuration key or value that does not fit the schema, or a setting that cannot work."""
 
 
 # ----------------------------------------------------------------------------- schema
@@ -96,7 +98,7 @@ class DataConfig:
     # Micro batches each worker prepares ahead of the step, in a thread (pinned on a GPU
     # node, 19 MB each at 448 px x 32 images, twice that for editing). 0: on the step's path.
     worker_prefetch: int = 4
-    seed: int = 0  # the order, the crops and the step plan
+    seed: int = 0  # the order, the crops and the step schedule
     # Object-store bytes each source's pipeline keeps in flight (None: Ray Data's default
     # share of the object store). Bounds memory: peak use stops growing with dataset size.
     inflight_mb: int | None = 192

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from unilip.errors import InputError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PATCH_MULTIPLE = 28  # patch 14 x pixel shuffle 2: image sides must be multiples of this
@@ -44,10 +46,12 @@ def pixel_shuffle(x: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
 
 def check_images(pixel_values: torch.Tensor) -> None:
     if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(pixel_values.shape)}")
+        raise InputError(f"expected images of shape (B, 3, H, W), got {tuple(pixel_values.shape)}")
     h, w = pixel_values.shape[-2:]
     if h != w or h % PATCH_MULTIPLE or h < 2 * PATCH_MULTIPLE:
-        raise ValueError(f"image size {h}x{w} unsupported: square, a multiple of {PATCH_MULTIPLE}, at least 56 (224 or 448)")
+        raise InputError(
+            f"image size {h}x{w} unsupported: square, a multiple of {PATCH_MULTIPLE}, at least 56 (224 or 448)"
+        )
 
 
 class UniLIPEncoder(nn.Module):

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unilip.config import ConfigError
+from unilip.errors import InputError
 from unilip.prompts import IMAGE, MAX_PROMPT_TOKENS
 from unilip.tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
 
@@ -46,7 +48,7 @@ class Connector(nn.Module):
 
         total = llm.config.num_hidden_layers
         if not 1 <= num_layers <= total:
-            raise ValueError(f"connector_layers must be between 1 and the LLM's {total} layers, got {num_layers}")
+            raise ConfigError(f"connector_layers must be between 1 and the LLM's {total} layers, got {num_layers}")
         config = copy.deepcopy(llm.config)
         config.num_hidden_layers = num_layers
         config.layer_types = config.layer_types[-num_layers:] if getattr(config, "layer_types", None) else None
@@ -64,16 +66,24 @@ class Connector(nn.Module):
     def forward(self, states: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         mask = bidirectional_mask(pad_mask, states.dtype)
         positions = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return self.model(inputs_embeds=states, attention_mask={"full_attention": mask}, position_ids=positions,
-                          use_cache=False).last_hidden_state
+        return self.model(
+            inputs_embeds=states, attention_mask={"full_attention": mask}, position_ids=positions, use_cache=False
+        ).last_hidden_state
 
 
 class DualConditionGenerator(nn.Module):
-    def __init__(self, mllm: nn.Module, tokenizer, dit: nn.Module, num_queries: int = 256,
-                 connector_layers: int = 6, condition: str = "both"):  # fmt: skip
+    def __init__(
+        self,
+        mllm: nn.Module,
+        tokenizer,
+        dit: nn.Module,
+        num_queries: int = 256,
+        connector_layers: int = 6,
+        condition: str = "both",
+    ):
         super().__init__()
         if condition not in ("hidden", "queries", "both"):
-            raise ValueError(f"condition must be 'hidden', 'queries' or 'both', got {condition!r}")
+            raise ConfigError(f"condition must be 'hidden', 'queries' or 'both', got {condition!r}")
         llm = mllm.model.language_model
         width = llm.config.hidden_size
         self.mllm = [mllm]  # not a submodule: frozen, owned by the UniLIP model
@@ -94,8 +104,10 @@ class DualConditionGenerator(nn.Module):
         Past MAX_PROMPT_TOKENS the text before the image is cut short (`truncate`, training)
         or the prompt is refused (inference); the chat framing and the image stay whole."""
         if prompt.count(IMAGE) != (1 if n_ref else 0):
-            raise ValueError(f"a prompt {'with' if n_ref else 'without'} a reference image needs "
-                             f"{'one' if n_ref else 'no'} {IMAGE} marker, got {prompt!r}")  # fmt: skip
+            raise InputError(
+                f"a prompt {'with' if n_ref else 'without'} a reference image needs "
+                f"{'one' if n_ref else 'no'} {IMAGE} marker, got {prompt!r}"
+            )
         text, _, after = prompt.partition(IMAGE)
         image = f"{IMG_START}{IMG_CONTEXT * n_ref}{IMG_END}" if n_ref else ""
         encode = lambda t: self.tokenizer.encode(t, add_special_tokens=False)  # noqa: E731
@@ -103,8 +115,10 @@ class DualConditionGenerator(nn.Module):
         ids = chat(text)
         if len(ids) > MAX_PROMPT_TOKENS:
             if not truncate:
-                raise ValueError(f"prompt is {len(ids)} tokens long with the chat template"
-                                 f"{' and the reference image' if n_ref else ''}; the limit is {MAX_PROMPT_TOKENS}")  # fmt: skip
+                raise InputError(
+                    f"prompt is {len(ids)} tokens long with the chat template"
+                    f"{' and the reference image' if n_ref else ''}; the limit is {MAX_PROMPT_TOKENS}"
+                )
             text_ids = encode(text)
             while len(ids) > MAX_PROMPT_TOKENS and text_ids:
                 text_ids = text_ids[: max(0, len(text_ids) - (len(ids) - MAX_PROMPT_TOKENS))]
@@ -115,8 +129,9 @@ class DualConditionGenerator(nn.Module):
             ids = ids + [self.ids[IMG_START]] + [ctx] * self.queries.shape[1]
         return ids, ref_slots
 
-    def condition_states(self, prompts: list[str], ref_features: torch.Tensor | None = None,
-                         truncate: bool = False) -> Condition:  # fmt: skip
+    def condition_states(
+        self, prompts: list[str], ref_features: torch.Tensor | None = None, truncate: bool = False
+    ) -> Condition:
         """Formatted prompts (+ reference image features for edits) -> the DiT's condition."""
         mllm = self.mllm[0]
         llm = mllm.model.language_model
@@ -143,7 +158,9 @@ class DualConditionGenerator(nn.Module):
             queries = self.queries.to(embeds.dtype).expand(len(seqs), -1, -1)
             embeds = torch.cat([embeds[:, :-nq], queries], dim=1)
         positions = (pad_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = llm(inputs_embeds=embeds, attention_mask=pad_mask, position_ids=positions, use_cache=False).last_hidden_state
+        hidden = llm(
+            inputs_embeds=embeds, attention_mask=pad_mask, position_ids=positions, use_cache=False
+        ).last_hidden_state
         if ref_features is not None:  # the raw UniLIP features replace the LLM's outputs there
             hidden = hidden.index_put((rows, ref_index), ref_features.to(hidden.dtype))
         if self.condition == "queries":
@@ -155,8 +172,12 @@ class DualConditionGenerator(nn.Module):
 
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         """The DiT's prediction of eps - x0 at flow time t in [0, 1], in the DiT's dtype."""
-        return self.dit(x_t.to(self.dit.dtype), encoder_hidden_states=cond.states, timestep=t * 1000,
-                        encoder_attention_mask=cond.mask).sample  # fmt: skip
+        return self.dit(
+            x_t.to(self.dit.dtype),
+            encoder_hidden_states=cond.states,
+            timestep=t * 1000,
+            encoder_attention_mask=cond.mask,
+        ).sample
 
     def flow_loss(self, x0: torch.Tensor, cond: Condition, generator: torch.Generator | None = None) -> torch.Tensor:
         """Rectified-flow loss for target latents x0; the interpolation and the MSE in fp32.

@@ -24,20 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unilip.config import LossConfig
+from unilip.config import ConfigError, LossConfig
 from unilip.encoder import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from unilip.errors import UserError
 from unilip.numerics import full_precision
+from unilip.weights import load_state
 
 TERMS = ("mse", "lpips", "convnext", "distill", "gan")
-
-
-def load_state(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from a safetensors file or a torch file (tensors only, never pickled objects)."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def frozen(module: nn.Module) -> nn.Module:
@@ -59,7 +52,9 @@ def build_lpips(net: str, weights: str | None) -> nn.Module:
         convs = [m for m in model.net.modules() if isinstance(m, nn.Conv2d)]
         keys = sorted({k.split(".")[1] for k in state if k.startswith("features.") and k.endswith(".weight")}, key=int)
         if len(keys) != len(convs):
-            raise ValueError(f"{weights}: expected torchvision {net} weights with {len(convs)} feature convs, found {len(keys)}")
+            raise UserError(
+                f"{weights}: expected torchvision {net} weights with {len(convs)} feature convs, found {len(keys)}"
+            )
         for conv, idx in zip(convs, keys):
             conv.weight.data.copy_(state[f"features.{idx}.weight"])
             conv.bias.data.copy_(state[f"features.{idx}.bias"])
@@ -115,14 +110,16 @@ class NLayerDiscriminator(nn.Module):
     def __init__(self, width: int = 128, stages: int = 3):
         super().__init__()
         if width % 32:
-            raise ValueError(f"discriminator width must be a multiple of 32 (GroupNorm(32)), got {width}")
+            raise ConfigError(f"discriminator width must be a multiple of 32 (GroupNorm(32)), got {width}")
         act = lambda: nn.LeakyReLU(0.1)  # noqa: E731
         self.stem = nn.Sequential(nn.Conv2d(3, width, 5, padding=2), act())
         widths = [width] + [width * 2**i for i in range(stages)]
-        self.stages = nn.Sequential(*(
-            nn.Sequential(nn.Conv2d(a, b, 3, padding=1), BlurDownsample(), nn.GroupNorm(32, b), act())
-            for a, b in zip(widths, widths[1:])
-        ))  # fmt: skip
+        self.stages = nn.Sequential(
+            *(
+                nn.Sequential(nn.Conv2d(a, b, 3, padding=1), BlurDownsample(), nn.GroupNorm(32, b), act())
+                for a, b in zip(widths, widths[1:])
+            )
+        )
         self.pool = nn.AdaptiveMaxPool2d(16)
         self.head = nn.Sequential(nn.Conv2d(widths[-1], widths[-1], 1), act(), nn.Conv2d(widths[-1], 1, 5, padding=2))
 
@@ -165,8 +162,9 @@ class ReconstructionLoss(nn.Module):
     def gan_active(self, step: int) -> bool:
         return self.has_gan and step >= self.cfg.gan_start_step
 
-    def generator_terms(self, recon: torch.Tensor, pixel_values: torch.Tensor, feats: torch.Tensor | None = None,
-                        step: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
+    def generator_terms(
+        self, recon: torch.Tensor, pixel_values: torch.Tensor, feats: torch.Tensor | None = None, step: int = 0
+    ) -> dict[str, torch.Tensor]:
         """Each weighted term and their sum under "loss". `recon` in [-1, 1] (any dtype),
         `pixel_values` the InternVL-normalised input, `feats` the trained encoder's output."""
         cfg = self.cfg
@@ -184,7 +182,11 @@ class ReconstructionLoss(nn.Module):
             if self.gan_active(step):
                 self.discriminator.requires_grad_(False)  # this term trains the generator only
                 logits = self.discriminator(fake)
-                terms["gan"] = -logits.mean() if cfg.gan_loss == "hinge" else F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+                terms["gan"] = (
+                    -logits.mean()
+                    if cfg.gan_loss == "hinge"
+                    else F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+                )
             terms["loss"] = sum(getattr(cfg, k) * v for k, v in terms.items())
         return terms
 
@@ -197,8 +199,10 @@ class ReconstructionLoss(nn.Module):
             real = critic(denormalize(pixel_values.float()))
             fake = critic((recon.detach().float() + 1) / 2)
             if cfg.gan_loss == "bce":
-                loss = 0.5 * (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
-                              + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))  # fmt: skip
+                loss = 0.5 * (
+                    F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                    + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+                )
                 return {"critic": loss}
             loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
             if not cfg.lecam:

@@ -13,8 +13,8 @@ MLLM's own modules), down_proj, pixel_decoder (the DC-AE decoder), queries, conn
 caption_projector, dit. The LLM, the DC-AE encoder and the distillation teacher are
 always frozen; the discriminator belongs to the reconstruction loss (`unilip.losses`).
 
-Checkpoint format: a directory with config.json (model config, the sources of the frozen
-parts, the latent space, which parts were trained), one fp32 safetensors file per saved
+Checkpoint format: a directory with config.json (model config, the upstream checkpoints of
+the frozen parts, the latent space, which parts were trained), one fp32 safetensors file per saved
 component, and the tokenizer. UniLIP's own parts are always saved; pretrained parts
 (encoder, pixel_decoder, dit) once they were trained. The model config includes the DiT's
 positional embedding (`dit_pos_embed`), which no weight file can show: v3 directories
@@ -36,14 +36,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from unilip.checkpointing import enable_checkpointing
+from unilip.activation_checkpointing import enable_checkpointing
 from unilip.config import ConfigError, LossConfig, ModelConfig, from_dict
 from unilip.encoder import PATCH_MULTIPLE, UniLIPEncoder, denormalize, pixel_values_from_uint8
+from unilip.errors import InputError, UserError
 from unilip.generator import Condition, DualConditionGenerator
 from unilip.losses import ReconstructionLoss
 from unilip.numerics import default_device, inference_dtype, resize_images
 from unilip.pixel_decoder import PixelDecoder
-from unilip.presets import Parts, Sources, build_parts, dit_kwargs, dit_pos_embed_of, pretrained_parts
+from unilip.presets import Backbones, Upstream, build_backbones, dit_kwargs, dit_pos_embed_of, pretrained_backbones
 from unilip.prompts import IMAGE, NULL_EDIT, NULL_GENERATION, edit_prompt, generation_prompt
 from unilip.sampler import check_sampling_args, sample
 from unilip.tokenizer import SPECIAL_TOKENS
@@ -62,23 +63,28 @@ LATENT_SIDE = OUTPUT_SIZE // PATCH_MULTIPLE  # 16: 256 UniLIP tokens, or 512 px 
 
 
 class UniLIP(nn.Module):
-    def __init__(self, parts: Parts, cfg: ModelConfig, teacher: bool = False):
+    def __init__(self, backbones: Backbones, cfg: ModelConfig, teacher: bool = False):
         super().__init__()
-        if dit_pos_embed_of(parts.dit) != cfg.dit_pos_embed:
-            raise ValueError(f"the DiT was built with positional embedding {dit_pos_embed_of(parts.dit)!r}, "
-                             f"the config says model.dit_pos_embed={cfg.dit_pos_embed!r}")  # fmt: skip
+        if dit_pos_embed_of(backbones.dit) != cfg.dit_pos_embed:
+            raise ValueError(
+                f"the DiT was built with positional embedding {dit_pos_embed_of(backbones.dit)!r}, "
+                f"the config says model.dit_pos_embed={cfg.dit_pos_embed!r}"
+            )
         self.cfg = cfg
-        self.sources = parts.sources
-        self.tokenizer = parts.tokenizer
-        self.mllm = parts.mllm
-        inner = parts.mllm.model
+        self.upstream = backbones.upstream
+        self.tokenizer = backbones.tokenizer
+        self.mllm = backbones.mllm
+        inner = backbones.mllm.model
         width = inner.language_model.config.hidden_size
-        self.encoder = UniLIPEncoder(inner.vision_tower, inner.multi_modal_projector, parts.mllm.config.downsample_ratio)
-        # The teacher is the encoder as the sources have it, copied before any trained weights load.
+        self.encoder = UniLIPEncoder(
+            inner.vision_tower, inner.multi_modal_projector, backbones.mllm.config.downsample_ratio
+        )
+        # The teacher is the encoder as upstream has it, copied before any trained weights load.
         self.teacher = copy.deepcopy(self.encoder) if teacher else None
-        self.pixel_decoder = PixelDecoder(width, parts.dcae)
-        self.generator = DualConditionGenerator(parts.mllm, parts.tokenizer, parts.dit, cfg.num_queries,
-                                                cfg.connector_layers, cfg.condition)  # fmt: skip
+        self.pixel_decoder = PixelDecoder(width, backbones.dcae)
+        self.generator = DualConditionGenerator(
+            backbones.mllm, backbones.tokenizer, backbones.dit, cfg.num_queries, cfg.connector_layers, cfg.condition
+        )
         self.latent_space = cfg.latent_space
         self.trained_parts: set[str] = set()
         self.set_trainable([])
@@ -86,13 +92,18 @@ class UniLIP(nn.Module):
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def from_preset(cls, preset: str = "tiny", cfg: ModelConfig | None = None, teacher: bool = False,
-                    device: str | torch.device | None = None) -> UniLIP:  # fmt: skip
+    def from_preset(
+        cls,
+        preset: str = "tiny",
+        cfg: ModelConfig | None = None,
+        teacher: bool = False,
+        device: str | torch.device | None = None,
+    ) -> UniLIP:
         """The preset's parts with UniLIP's own around them, all on `device` (`meta`: shapes only)."""
         cfg = cfg or ModelConfig(preset=preset)
-        parts = build_parts(preset, cfg.init, device, cfg.dit_pos_embed)
+        backbones = build_backbones(preset, cfg.init, device, cfg.dit_pos_embed)
         with torch.device(device or "cpu"):
-            return cls(parts, cfg, teacher)
+            return cls(backbones, cfg, teacher)
 
     def components(self) -> dict[str, nn.Module | nn.Parameter]:
         g = self.generator
@@ -111,7 +122,7 @@ class UniLIP(nn.Module):
         parts = self.components()
         unknown = sorted(set(names) - set(parts))
         if unknown:
-            raise ValueError(f"unknown component(s) {unknown}; trainable components: {', '.join(parts)}")
+            raise ConfigError(f"unknown component(s) {unknown}; trainable components: {', '.join(parts)}")
         self.requires_grad_(False)
         for name in names:
             parts[name].requires_grad_(True)
@@ -131,7 +142,9 @@ class UniLIP(nn.Module):
         blocks = self.checkpoint_blocks()
         unknown = sorted(set(names) - set(blocks))
         if unknown:
-            raise ValueError(f"unknown component(s) {unknown} for activation checkpointing; choose from: {', '.join(blocks)}")
+            raise ConfigError(
+                f"unknown component(s) {unknown} for activation checkpointing; choose from: {', '.join(blocks)}"
+            )
         for name in names:
             enable_checkpointing(blocks[name])
 
@@ -143,7 +156,14 @@ class UniLIP(nn.Module):
             named = [(name, part)] if isinstance(part, nn.Parameter) else list(part.named_parameters())
             named = [(n, p) for n, p in named if p.requires_grad]
             if named:
-                groups.append({"name": name, "params": [p for _, p in named], "named": named, "lr_scale": lr_scales.get(name, 1.0)})
+                groups.append(
+                    {
+                        "name": name,
+                        "params": [p for _, p in named],
+                        "named": named,
+                        "lr_scale": lr_scales.get(name, 1.0),
+                    }
+                )
         return groups
 
     # ---------------------------------------------------------------- training
@@ -151,11 +171,16 @@ class UniLIP(nn.Module):
     def reconstruction_loss(self, cfg: LossConfig, allow_random_backbones: bool = False) -> ReconstructionLoss:
         """The reconstruction objective (fp32). It takes over the distillation teacher, so
         that what trains (this model) and the frozen loss networks stay apart."""
-        if self.sources.mllm != "tiny" and not allow_random_backbones:
-            for weight, path, key in ((cfg.lpips, cfg.lpips_weights, "lpips_weights"), (cfg.convnext, cfg.convnext_weights, "convnext_weights")):
+        if self.upstream.mllm != "tiny" and not allow_random_backbones:
+            for weight, path, key in (
+                (cfg.lpips, cfg.lpips_weights, "lpips_weights"),
+                (cfg.convnext, cfg.convnext_weights, "convnext_weights"),
+            ):
                 if weight and path is None:
-                    raise ValueError(f"loss.{key} must name the pretrained backbone weights file: "
-                                     f"a real model does not train against random perceptual weights")  # fmt: skip
+                    raise ConfigError(
+                        f"loss.{key} must name the pretrained backbone weights file: "
+                        f"a real model does not train against random perceptual weights"
+                    )
         teacher, self.teacher = self.teacher, None
         return ReconstructionLoss(cfg, teacher)
 
@@ -177,11 +202,13 @@ class UniLIP(nn.Module):
         UniLIP latent x unilip_factor."""
         if self.latent_space == "dcae":
             if pixel_values.shape[-1] != DCAE_SIZE:
-                raise ValueError(f"DC-AE targets come from {DCAE_SIZE} px images (data.resolution), got {pixel_values.shape[-1]}")
+                raise ConfigError(
+                    f"DC-AE targets come from {DCAE_SIZE} px images (data.resolution), got {pixel_values.shape[-1]}"
+                )
             dcae = self.pixel_decoder.dcae
             images = (denormalize(pixel_values.float()) * 2 - 1).to(dcae.dtype)
             return dcae.encode(images).latent * dcae.config.scaling_factor
-        return self.pixel_decoder.encode(self.encoder(pixel_values)) * self.sources.unilip_factor
+        return self.pixel_decoder.encode(self.encoder(pixel_values)) * self.upstream.unilip_factor
 
     def decode_latent(self, latent: torch.Tensor, size: int) -> torch.Tensor:
         """A sampled latent -> (B, 3, size, size) images in [-1, 1], fp32: decoded at 512 px,
@@ -191,7 +218,7 @@ class UniLIP(nn.Module):
             dcae = self.pixel_decoder.dcae
             images = dcae.decode((latent / dcae.config.scaling_factor).to(dcae.dtype)).sample
         else:
-            images = self.pixel_decoder.decode(latent / self.sources.unilip_factor)
+            images = self.pixel_decoder.decode(latent / self.upstream.unilip_factor)
         return resize_images(images.float().clamp(-1, 1), size)
 
     def drop_prompts(self, prompts: list[str], editing: bool, rng: random.Random) -> list[str]:
@@ -201,8 +228,14 @@ class UniLIP(nn.Module):
         null = NULL_EDIT if editing else NULL_GENERATION
         return [null if rng.random() < self.cfg.cfg_drop_rate else p for p in prompts]
 
-    def generation_loss(self, prompts: list[str], target_pixels: torch.Tensor, ref_pixels: torch.Tensor | None = None,
-                        rng: random.Random | None = None, generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+    def generation_loss(
+        self,
+        prompts: list[str],
+        target_pixels: torch.Tensor,
+        ref_pixels: torch.Tensor | None = None,
+        rng: random.Random | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Rectified-flow loss of one batch (generation, or editing when `ref_pixels` is given).
         `prompts` are formatted (`unilip.prompts`); overlong ones are cut to the token limit."""
         if rng is not None:
@@ -219,7 +252,9 @@ class UniLIP(nn.Module):
     def preprocess(self, images, size: int) -> torch.Tensor:
         """PIL images or uint8 arrays -> fp32 InternVL pixel values (B, 3, size, size): RGB,
         squash-resized (bicubic), as InternVL's image processor does and training does."""
-        tensors = [torch.from_numpy(np.array(to_rgb(im).resize((size, size), Image.Resampling.BICUBIC))) for im in images]
+        tensors = [
+            torch.from_numpy(np.array(to_rgb(im).resize((size, size), Image.Resampling.BICUBIC))) for im in images
+        ]
         return pixel_values_from_uint8(torch.stack(tensors).to(self.device))
 
     def for_inference(self, device: str | torch.device | None = None, dtype: str = "auto") -> UniLIP:
@@ -235,7 +270,7 @@ class UniLIP(nn.Module):
         """User captions (or instructions, with `n_ref` reference-image tokens) -> the
         formatted prompts, or a ValueError naming what is wrong."""
         if not texts:
-            raise ValueError("no prompts given")
+            raise InputError("no prompts given")
         formatted = []
         for text in texts:
             check_text(text)
@@ -244,8 +279,18 @@ class UniLIP(nn.Module):
             formatted.append(prompt)
         return formatted
 
-    def _sample(self, cond: Condition, uncond: Condition, guidance_scale, steps, seed, solver) -> torch.Tensor:
-        """Sampled 448 px images (B, 3, 448, 448) in [-1, 1], fp32."""
+    def _sample(
+        self,
+        cond: Condition,
+        uncond: Condition,
+        guidance_scale: float | None = None,
+        steps: int | None = None,
+        seed: int | list[int] | None = None,
+        solver: str | None = None,
+    ) -> torch.Tensor:
+        """Sampled 448 px images (B, 3, 448, 448) in [-1, 1], fp32. The sampling options (the
+        model config's where None): guidance_scale, steps, solver, and `seed`: one for the
+        batch, or one per image (batching then does not change an image)."""
         guidance_scale = self.cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
         steps = self.cfg.num_inference_steps if steps is None else steps
         check_sampling_args(guidance_scale, steps)
@@ -253,41 +298,48 @@ class UniLIP(nn.Module):
         gen, noise = None, None
         if isinstance(seed, list):  # one seed per image: the same image whatever else is in the batch
             if len(seed) != shape[0]:
-                raise ValueError(f"{len(seed)} seeds for {shape[0]} images")
+                raise InputError(f"{len(seed)} seeds for {shape[0]} images")
             noise = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(s)) for s in seed])
         elif seed is not None:
             gen = torch.Generator(device="cpu").manual_seed(seed)
-        latent = sample(self.generator.velocity, cond, uncond, shape, steps, guidance_scale,
-                        solver or self.cfg.solver, self.cfg.shift, gen, noise)  # fmt: skip
+        latent = sample(
+            self.generator.velocity,
+            cond,
+            uncond,
+            shape,
+            steps,
+            guidance_scale,
+            solver or self.cfg.solver,
+            self.cfg.shift,
+            gen,
+            noise,
+        )
         return self.decode_latent(latent, OUTPUT_SIZE)
 
     @torch.no_grad()
-    def generate_tensors(self, prompts: list[str], guidance_scale: float | None = None, steps: int | None = None,
-                         seed: int | list[int] | None = None, solver: str | None = None) -> torch.Tensor:  # fmt: skip
+    def generate_tensors(self, prompts: list[str], **sampling) -> torch.Tensor:
         """`generate`, returning the (B, 3, 448, 448) images in [-1, 1] as a tensor."""
         g = self.generator
         cond = g.condition_states(self.check_prompts(prompts))
         uncond = g.condition_states([NULL_GENERATION] * len(prompts))
-        return self._sample(cond, uncond, guidance_scale, steps, seed, solver)
+        return self._sample(cond, uncond, **sampling)
 
     def generate(self, prompts: list[str], **sampling) -> list[Image.Image]:
-        """Captions -> 448x448 images, with classifier-free guidance against the null prompt.
-        Sampling: guidance_scale, steps, solver, and `seed`: one for the batch, or one per
-        prompt (batching then does not change an image)."""
+        """Captions -> 448x448 images, with classifier-free guidance against the null prompt
+        (sampling options: `_sample`)."""
         return to_pil(self.generate_tensors(prompts, **sampling))
 
     @torch.no_grad()
-    def edit_tensors(self, images: list, instructions: list[str], guidance_scale: float | None = None,
-                     steps: int | None = None, seed: int | list[int] | None = None, solver: str | None = None) -> torch.Tensor:  # fmt: skip
+    def edit_tensors(self, images: list, instructions: list[str], **sampling) -> torch.Tensor:
         """`edit`, returning the (B, 3, 448, 448) images in [-1, 1] as a tensor."""
         g = self.generator
         prompts = self.check_prompts(instructions, n_ref=LATENT_SIDE**2)  # a 448 px reference: 256 tokens
         if len(images) != len(instructions):
-            raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
+            raise InputError(f"{len(images)} images but {len(instructions)} instructions")
         ref = self.encoder(self.preprocess(images, OUTPUT_SIZE))
         cond = g.condition_states(prompts, ref)
         uncond = g.condition_states([NULL_EDIT] * len(images), ref)
-        return self._sample(cond, uncond, guidance_scale, steps, seed, solver)
+        return self._sample(cond, uncond, **sampling)
 
     def edit(self, images: list, instructions: list[str], **sampling) -> list[Image.Image]:
         """Reference images + instructions -> edited 448x448 images (the null prompt keeps the image)."""
@@ -296,7 +348,7 @@ class UniLIP(nn.Module):
     @torch.no_grad()
     def reconstruct(self, images: list, size: int = 448) -> list[Image.Image]:
         if size % PATCH_MULTIPLE:
-            raise ValueError(f"size must be a multiple of {PATCH_MULTIPLE}, got {size}")
+            raise InputError(f"size must be a multiple of {PATCH_MULTIPLE}, got {size}")
         recon, _ = self.reconstruct_tensors(self.preprocess(images, size))
         return to_pil(recon)
 
@@ -310,9 +362,15 @@ class UniLIP(nn.Module):
         n = self.mllm.config.image_seq_length
         text = f"{IM_START}user\n{IMG_START}{IMG_CONTEXT * n}{IMG_END}\n{question}{IM_END}\n{IM_START}assistant\n"
         ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], device=self.device)
-        out = self.mllm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels.to(self.mllm.dtype),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+        out = self.mllm.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=pixels.to(self.mllm.dtype),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
     # -------------------------------------------------------------- checkpoints
@@ -327,14 +385,16 @@ class UniLIP(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         parts = self.components()
         for name in self.saved_parts():
-            state = {k: (v.float() if v.is_floating_point() else v).detach().contiguous().cpu()
-                     for k, v in component_state(parts[name]).items()}  # fmt: skip
+            state = {
+                k: (v.float() if v.is_floating_point() else v).detach().contiguous().cpu()
+                for k, v in component_state(parts[name]).items()
+            }
             save_file(state, str(out / f"{name}.safetensors"))  # fp32, whatever the training precision
         config = {
             "format": "unilip",
             "version": FORMAT_VERSION,
             "model": asdict(self.cfg) | {"latent_space": self.latent_space},
-            "sources": asdict(self.sources),
+            "upstream": asdict(self.upstream),
             "trained_parts": sorted(self.trained_parts),
             "saved_parts": self.saved_parts(),
         }
@@ -350,20 +410,24 @@ class UniLIP(nn.Module):
         try:
             config = json.loads((model_dir / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{model_dir} is not a UniLIP model directory: {e}") from None
+            raise UserError(f"{model_dir} is not a UniLIP model directory: {e}") from None
         if config.get("format") != "unilip" or config.get("version") not in READS:
-            raise ValueError(f"{model_dir}: unsupported checkpoint format {config.get('format')!r} v{config.get('version')} "
-                             f"(this version reads v{', v'.join(map(str, READS))})")
+            raise UserError(
+                f"{model_dir}: unsupported checkpoint format {config.get('format')!r} v{config.get('version')} "
+                f"(this version reads v{', v'.join(map(str, READS))})"
+            )
         saved = from_dict(ModelConfig, saved_model_config(config, model_dir))
         cfg = cfg or saved
         if set(config["trained_parts"]) & set(GENERATOR):  # a property of the weights trained with it
             cfg = replace(cfg, dit_pos_embed=saved.dit_pos_embed)
-        sources = Sources(**config["sources"])
-        if sources.mllm == "tiny" or saved.init == "random":  # frozen parts: the preset's seeded weights
-            parts = build_parts("tiny" if sources.mllm == "tiny" else saved.preset, saved.init, None, cfg.dit_pos_embed)
+        upstream = Upstream(**config["upstream" if "upstream" in config else "sources"])  # v2: "sources"
+        if upstream.mllm == "tiny" or saved.init == "random":  # frozen parts: the preset's seeded weights
+            backbones = build_backbones(
+                "tiny" if upstream.mllm == "tiny" else saved.preset, saved.init, None, cfg.dit_pos_embed
+            )
         else:
-            parts = pretrained_parts(sources, dit_args=dit_kwargs(cfg.dit_pos_embed))
-        model = cls(parts, cfg, teacher)
+            backbones = pretrained_backbones(upstream, dit_args=dit_kwargs(cfg.dit_pos_embed))
+        model = cls(backbones, cfg, teacher)
         model.trained_parts = set(config["trained_parts"])
         model.load_parts(model_dir, config["saved_parts"])
         return model
@@ -376,7 +440,7 @@ class UniLIP(nn.Module):
         for name in names:
             path = Path(model_dir) / f"{name}.safetensors"
             if not path.exists():
-                raise FileNotFoundError(f"{path} missing: the checkpoint has no {name!r} weights")
+                raise UserError(f"{path} missing: the model directory has no {name!r} weights")
             state = load_file(str(path))
             part = parts[name]
             if isinstance(part, nn.Parameter):
@@ -389,7 +453,7 @@ class UniLIP(nn.Module):
         config = json.loads((Path(recon_dir) / "config.json").read_text())
         names = [n for n in ("encoder", "down_proj", "pixel_decoder") if n in config["saved_parts"]]
         if "pixel_decoder" not in names:
-            raise ValueError(f"{recon_dir} holds no trained pixel decoder: not a reconstruction checkpoint")
+            raise UserError(f"{recon_dir} holds no trained pixel decoder: not a reconstruction checkpoint")
         self.load_parts(recon_dir, names)
         self.trained_parts |= set(names)
         return names
@@ -401,8 +465,10 @@ def saved_model_config(config: dict, model_dir) -> dict:
     model = dict(config["model"])
     if "dit_pos_embed" not in model:
         if config["version"] >= 3:
-            raise ConfigError(f"{model_dir}/config.json does not state model.dit_pos_embed (none or sincos), the DiT's "
-                              "positional embedding its weights were trained with; no weight file records it")  # fmt: skip
+            raise ConfigError(
+                f"{model_dir}/config.json does not state model.dit_pos_embed (none or sincos), the DiT's "
+                "positional embedding its weights were trained with; no weight file records it"
+            )
         model["dit_pos_embed"] = "sincos" if "converted_from" in config else "none"
     return model
 
@@ -414,10 +480,10 @@ def component_state(part: nn.Module | nn.Parameter) -> dict[str, torch.Tensor]:
 
 def check_text(text) -> None:
     if not isinstance(text, str) or not text.strip():
-        raise ValueError("prompt is empty")
+        raise InputError("prompt is empty")
     reserved = (*SPECIAL_TOKENS, IMAGE)
     if any(t in text for t in reserved):
-        raise ValueError(f"prompt contains a reserved token ({', '.join(reserved)})")
+        raise InputError(f"prompt contains a reserved token ({', '.join(reserved)})")
 
 
 def to_rgb(image) -> Image.Image:
@@ -428,13 +494,13 @@ def to_rgb(image) -> Image.Image:
         elif image.ndim == 2 and image.dtype == np.uint8:
             image = Image.fromarray(image, mode="L")
         else:
-            raise ValueError(f"image array must be HxWx3 (or HxW) uint8, got shape {image.shape} dtype {image.dtype}")
+            raise InputError(f"image array must be HxWx3 (or HxW) uint8, got shape {image.shape} dtype {image.dtype}")
     if not isinstance(image, Image.Image):
-        raise ValueError(f"expected a PIL image or a uint8 array, got {type(image).__name__}")
+        raise InputError(f"expected a PIL image or a uint8 array, got {type(image).__name__}")
     if min(image.size) < MIN_IMAGE_SIDE:
-        raise ValueError(f"image of {image.size[0]}x{image.size[1]} is too small (at least {MIN_IMAGE_SIDE} px a side)")
+        raise InputError(f"image of {image.size[0]}x{image.size[1]} is too small (at least {MIN_IMAGE_SIDE} px a side)")
     if image.mode not in ("RGB", "L", "RGBA", "LA", "P", "CMYK", "YCbCr", "I;16", "I", "F"):
-        raise ValueError(f"unsupported image mode {image.mode!r}")
+        raise InputError(f"unsupported image mode {image.mode!r}")
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGB", image.size, (255, 255, 255))
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))

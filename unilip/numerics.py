@@ -27,16 +27,17 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from unilip.errors import InputError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def inference_dtype(device: torch.device | str, dtype: str = "auto") -> torch.dtype:
-    """"auto": bf16 on CUDA, fp32 elsewhere; or "bf16" / "fp32"."""
+    """ "auto": bf16 on CUDA, fp32 elsewhere; or "bf16" / "fp32"."""
     if dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be auto, bf16 or fp32, got {dtype!r}")
+        raise InputError(f"dtype must be auto, bf16 or fp32, got {dtype!r}")
     return DTYPES[dtype]
 
 

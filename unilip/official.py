@@ -8,7 +8,7 @@
 
 A release (Hugging Face kanashi6/UniLIP-1B, -3B) is one `save_pretrained` directory of
 `UniLIP_InternVLForCausalLM`: config.json (`model_type` unilip_internvl, `n_query`,
-`connect_layer`, `unilip_factor`, the hub ids of its sources) and `model.safetensors`, or
+`connect_layer`, `unilip_factor`, the hub ids of its upstream) and `model.safetensors`, or
 shards listed in `model.safetensors.index.json`, holding every part in bf16 under the live
 module names. The conversion (see `RULES`):
 
@@ -17,7 +17,7 @@ module names. The conversion (see `RULES`):
 - mlp1 and the down-projection's `nn.Sequential` indices -> named layers;
 - the connector gains `model.` and an unused one-row `embed_tokens` (zeros: it takes
   embeddings); the DiT, the DC-AE decoder, the queries and the caption projector are copied;
-- the frozen LLM and its head are not kept: they are the ones of `sources.mllm`
+- the frozen LLM and its head are not kept: they are the ones of `upstream.mllm`
   (InternVL3-*-hf), which the project loads, as for any model it trains. They are checked
   first to be that LLM's tensors (`check_frozen_llm`), so a release is never paired with
   another InternVL3;
@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from unilip.config import ModelConfig
+from unilip.errors import UserError
 
 MODEL_TYPE = "unilip_internvl"
 # The release's InternVL3-*-hf source -> the preset built around it (a local copy's name works too).
@@ -63,7 +64,11 @@ _WB = r"(weight|bias)"
 RULES: list[tuple[str, str, str]] = [
     (_VIT + r"embeddings\.class_embedding", "encoder", "vision_tower.embeddings.cls_token"),
     (_VIT + r"embeddings\.position_embedding", "encoder", "vision_tower.embeddings.position_embeddings"),
-    (_VIT + r"embeddings\.patch_embedding\." + _WB, "encoder", r"vision_tower.embeddings.patch_embeddings.projection.\1"),
+    (
+        _VIT + r"embeddings\.patch_embedding\." + _WB,
+        "encoder",
+        r"vision_tower.embeddings.patch_embeddings.projection.\1",
+    ),
     (_LAYER + r"attn\.proj\." + _WB, "encoder", r"vision_tower.encoder.layer.\1.attention.projection_layer.\2"),
     (_LAYER + r"ls([12])", "encoder", r"vision_tower.encoder.layer.\1.lambda_\2"),
     (_LAYER + r"norm1\." + _WB, "encoder", r"vision_tower.encoder.layer.\1.layernorm_before.\2"),
@@ -85,22 +90,27 @@ RULES: list[tuple[str, str, str]] = [
     (r"model\.dit\.(.+)", "dit", r"\1"),
 ]
 # the fused qkv: one source tensor -> three, split in thirds along rows (q, k, v)
-QKV = (_LAYER + r"attn\.qkv\." + _WB, "encoder", [rf"vision_tower.encoder.layer.\1.attention.{p}_proj.\2" for p in "qkv"])
+QKV = (
+    _LAYER + r"attn\.qkv\." + _WB,
+    "encoder",
+    [rf"vision_tower.encoder.layer.\1.attention.{p}_proj.\2" for p in "qkv"],
+)
 FROZEN_LLM = r"model\.language_model\..+|lm_head\.weight"
-UNUSED = [(FROZEN_LLM,
-           "the frozen LLM and its head: the model loads them from sources.mllm, as for every model it trains")]  # fmt: skip
+UNUSED = [
+    (FROZEN_LLM, "the frozen LLM and its head: the model loads them from upstream.mllm, as for every model it trains")
+]
 CREATED = {("connector", "model.embed_tokens.weight"): "zeros: the connector takes embeddings, never token ids"}
 # What a converted model takes from elsewhere (the end-of-conversion report).
 ELSEWHERE = {
-    "frozen LLM (Qwen2) and tokenizer": "sources.mllm",
-    "DC-AE encoder (gen stage 1's dcae targets)": "sources.dcae",
-    "distillation teacher (reconstruction stages)": "the source InternViT and projector of sources.mllm",
+    "frozen LLM (Qwen2) and tokenizer": "upstream.mllm",
+    "DC-AE encoder (gen stage 1's dcae targets)": "upstream.dcae",
+    "distillation teacher (reconstruction stages)": "the source InternViT and projector of upstream.mllm",
     "discriminator (reconstruction stages)": "fresh: each reconstruction stage builds its own; the release has none",
 }
 
 
-class ConversionError(ValueError):
-    pass
+class ConversionError(UserError):
+    """A release directory that cannot be converted, with the first reason."""
 
 
 @dataclass
@@ -112,7 +122,7 @@ class Move:
 
 
 @dataclass
-class Plan:
+class Mapping:
     moves: list[Move] = field(default_factory=list)
     unused: dict[str, str] = field(default_factory=dict)  # official key -> why
     created: dict[tuple[str, str], str] = field(default_factory=dict)
@@ -139,10 +149,10 @@ def targets(key: str) -> list[tuple[str, str, int | None]] | str:
     raise ConversionError(f"unrecognised key {key!r}: not part of a UniLIP release checkpoint")
 
 
-def plan(official: dict[str, tuple[int, ...]], expected: dict[str, dict[str, tuple[int, ...]]]) -> Plan:
+def map_keys(official: dict[str, tuple[int, ...]], expected: dict[str, dict[str, tuple[int, ...]]]) -> Mapping:
     """Map every official key (name -> shape) onto the model's components (component ->
     key -> shape), or fail on the first unknown, mismatched or missing key."""
-    out, found = Plan(), set()
+    out, found = Mapping(), set()
     for src, shape in official.items():
         where = targets(normalise(src))
         if isinstance(where, str):
@@ -166,7 +176,9 @@ def plan(official: dict[str, tuple[int, ...]], expected: dict[str, dict[str, tup
             if (component, key) in found:
                 continue
             if (component, key) not in CREATED:
-                raise ConversionError(f"missing key: nothing in the checkpoint gives {component}/{key} (shape {list(keys[key])})")
+                raise ConversionError(
+                    f"missing key: nothing in the checkpoint gives {component}/{key} (shape {list(keys[key])})"
+                )
             out.created[(component, key)] = CREATED[(component, key)]
     return out
 
@@ -194,7 +206,9 @@ def read_release(root: str | Path) -> Release:
     except (OSError, json.JSONDecodeError) as e:
         raise ConversionError(f"{root}: no readable config.json ({e}); expected a UniLIP release directory") from None
     if config.get("model_type") != MODEL_TYPE:
-        raise ConversionError(f"{root}/config.json: model_type {config.get('model_type')!r}, a UniLIP release has {MODEL_TYPE!r}")
+        raise ConversionError(
+            f"{root}/config.json: model_type {config.get('model_type')!r}, a UniLIP release has {MODEL_TYPE!r}"
+        )
     index = root / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text()).get("weight_map") or {}
@@ -204,10 +218,14 @@ def read_release(root: str | Path) -> Release:
     if not all((root / n).exists() for n in names):
         pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLES)
         if pickles and not any(p.suffix == ".safetensors" for p in root.iterdir()):
-            raise ConversionError(f"{root} holds only pickle weights ({', '.join(pickles)}), which are never loaded "
-                                  "(they can run code): convert them to safetensors where they came from")  # fmt: skip
+            raise ConversionError(
+                f"{root} holds only pickle weights ({', '.join(pickles)}), which are never loaded "
+                "(they can run code): convert them to safetensors where they came from"
+            )
         missing = next(n for n in names if not (root / n).exists())
-        raise ConversionError(f"{root}: weight file {missing} missing" + (f" (listed in {index.name})" if weight_map else ""))
+        raise ConversionError(
+            f"{root}: weight file {missing} missing" + (f" (listed in {index.name})" if weight_map else "")
+        )
     files, shapes, dtypes = {}, {}, {}
     for name in names:
         with safe_open(str(root / name), framework="pt") as f:
@@ -225,8 +243,9 @@ def preset_of(config: dict) -> str:
     source = str(config.get("mllm_hf_path", ""))
     name = source.rstrip("/").rsplit("/", 1)[-1]
     if name not in PRESETS:
-        raise ConversionError(f"config.json mllm_hf_path {source!r}: not a known release source "
-                              f"({', '.join(PRESETS)}); pass --preset")  # fmt: skip
+        raise ConversionError(
+            f"config.json mllm_hf_path {source!r}: not a known release source ({', '.join(PRESETS)}); pass --preset"
+        )
     return PRESETS[name]
 
 
@@ -234,10 +253,18 @@ def release_model_config(config: dict, preset: str) -> ModelConfig:
     """The converted model's config: the release's architecture fields, its sampling
     (guidance 4.5, 20 DPM-Solver++ steps, shift 3: the release's `generate_image`) and the
     DiT's positional embedding it was trained with (diffusers 0.32.2's sincos)."""
-    return ModelConfig(preset=preset, num_queries=int(config.get("n_query", 256)),
-                       connector_layers=int(config.get("connect_layer", 6)), condition="both",
-                       guidance_scale=4.5, num_inference_steps=20, solver="dpm", shift=3.0, latent_space="unilip",
-                       dit_pos_embed="sincos")  # fmt: skip
+    return ModelConfig(
+        preset=preset,
+        num_queries=int(config.get("n_query", 256)),
+        connector_layers=int(config.get("connect_layer", 6)),
+        condition="both",
+        guidance_scale=4.5,
+        num_inference_steps=20,
+        solver="dpm",
+        shift=3.0,
+        latent_space="unilip",
+        dit_pos_embed="sincos",
+    )
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -245,7 +272,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
     from unilip.model import UniLIP, component_state
 
     model = UniLIP.from_preset(cfg.preset, replace(cfg, init="random"), device="meta")
-    return {name: {k: tuple(v.shape) for k, v in component_state(part).items()} for name, part in model.components().items()}
+    return {
+        name: {k: tuple(v.shape) for k, v in component_state(part).items()} for name, part in model.components().items()
+    }
 
 
 # ------------------------------------------------------------------------ writing
@@ -270,27 +299,35 @@ class Report:
         return out
 
 
-def convert_official(src: str, out: str | Path, preset: str | None = None, sources: dict[str, str] | None = None,
-                     check_llm: bool = True, log=print) -> Report:  # fmt: skip
+def convert_official(
+    src: str,
+    out: str | Path,
+    preset: str | None = None,
+    upstream: dict[str, str] | None = None,
+    check_llm: bool = True,
+    log=print,
+) -> Report:
     """Convert a release directory (local, or an s3:// prefix fetched to the local cache)
-    into a model directory. `sources` overrides the preset's mllm/dit/dcae (local copies,
-    s3:// mirrors). `check_llm`: first check the release's frozen LLM against sources.mllm."""
+    into a model directory. `upstream` overrides the preset's mllm/dit/dcae (local copies,
+    s3:// mirrors). `check_llm`: first check the release's frozen LLM against upstream.mllm."""
     from unilip.presets import PRESETS as REGISTRY
-    from unilip.presets import SOURCES, resolve_pretrained
+    from unilip.presets import UPSTREAM, resolve_pretrained
 
     release = read_release(resolve_pretrained(src))
     preset = preset or preset_of(release.config)
     if preset not in REGISTRY:
         raise ConversionError(f"unknown preset {preset!r}; available: {', '.join(sorted(REGISTRY))}")
     cfg = release_model_config(release.config, preset)
-    log(f"[convert] {src}: {len(release.shapes)} tensors in {len(set(release.files.values()))} file(s) -> preset {preset}")
+    log(
+        f"[convert] {src}: {len(release.shapes)} tensors in {len(set(release.files.values()))} file(s) -> preset {preset}"
+    )
     expected = expected_shapes(cfg)
-    the_plan = plan(release.shapes, expected)
-    mllm = (sources or {}).get("mllm") or SOURCES[preset].mllm
+    mapping = map_keys(release.shapes, expected)
+    mllm = (upstream or {}).get("mllm") or UPSTREAM[preset].mllm
     if check_llm:
-        log(f"[convert] checking the release's frozen LLM against sources.mllm = {mllm} (--skip-llm-check to skip)")
-        log(f"[convert] frozen LLM: {check_frozen_llm(release, the_plan, mllm)} tensors equal")
-    return _write(release, the_plan, expected, cfg, Path(out), sources or {})
+        log(f"[convert] checking the release's frozen LLM against upstream.mllm = {mllm} (--skip-llm-check to skip)")
+        log(f"[convert] frozen LLM: {check_frozen_llm(release, mapping, mllm)} tensors equal")
+    return _write(release, mapping, expected, cfg, Path(out), upstream or {})
 
 
 # ------------------------------------------------------------------ the frozen LLM
@@ -299,34 +336,38 @@ LLM_KEY = re.compile(FROZEN_LLM)
 VOCAB_ROWS = ("model.language_model.embed_tokens.weight", "lm_head.weight")  # the release adds rows for its tokens
 
 
-def check_frozen_llm(release: Release, the_plan: Plan, mllm: str) -> int:
+def check_frozen_llm(release: Release, mapping: Mapping, mllm: str) -> int:
     """The release's frozen LLM, tensor by tensor, against the LLM of `mllm` (the source the
     converted model loads it from): equal at the release's dtype, over the source's
     vocabulary rows. Fails on the first difference, naming it; returns the tensors compared."""
     from safetensors import safe_open
 
-    mine = {normalise(k): k for k in the_plan.unused if LLM_KEY.fullmatch(normalise(k))}
+    mine = {normalise(k): k for k in mapping.unused if LLM_KEY.fullmatch(normalise(k))}
     with source_llm(mllm) as theirs:
         if absent := sorted(set(theirs) - set(mine)):
-            raise ConversionError(f"{absent[0]}: in sources.mllm ({mllm}) but not in the release "
-                                  f"({len(absent)} such tensors): not the LLM the release was trained with")  # fmt: skip
+            raise ConversionError(
+                f"{absent[0]}: in upstream.mllm ({mllm}) but not in the release "
+                f"({len(absent)} such tensors): not the LLM the release was trained with"
+            )
         with contextlib.ExitStack() as files:
             handles = {p: files.enter_context(safe_open(str(p), framework="pt")) for p in set(release.files.values())}
             for key in sorted(mine):
                 src = mine[key]
                 if key not in theirs:
-                    raise ConversionError(f"{src}: the release's frozen LLM has it, sources.mllm ({mllm}) does not")
+                    raise ConversionError(f"{src}: the release's frozen LLM has it, upstream.mllm ({mllm}) does not")
                 got, want = handles[release.files[src]].get_tensor(src), theirs[key]()
                 if key in VOCAB_ROWS and got.shape[1:] == want.shape[1:] and got.shape[0] >= want.shape[0]:
                     got = got[: want.shape[0]]
                 if got.shape != want.shape:
-                    raise ConversionError(f"{src}: shape {list(got.shape)} in the release, {list(want.shape)} in "
-                                          f"sources.mllm ({mllm}): another LLM than the release was trained with")  # fmt: skip
+                    raise ConversionError(
+                        f"{src}: shape {list(got.shape)} in the release, {list(want.shape)} in "
+                        f"upstream.mllm ({mllm}): another LLM than the release was trained with"
+                    )
                 want = want.to(got.dtype)
                 if not torch.equal(got, want):
                     diff = (got.float() - want.float()).abs()
                     raise ConversionError(
-                        f"{src}: the release's frozen LLM differs from sources.mllm ({mllm}): {int((diff > 0).sum()):,} "
+                        f"{src}: the release's frozen LLM differs from upstream.mllm ({mllm}): {int((diff > 0).sum()):,} "
                         f"of {diff.numel():,} values, by up to {diff.max().item():.3g}; the release was trained with "
                         "another InternVL3. Name the right one with --mllm, or pass --skip-llm-check"
                     )
@@ -340,10 +381,10 @@ def source_llm(mllm: str):
     prefix (fetched to the cache) or a hub id (through huggingface_hub's cache)."""
     from safetensors import safe_open
 
-    from unilip.presets import build_parts, resolve_pretrained
+    from unilip.presets import build_backbones, resolve_pretrained
 
     if mllm == "tiny":
-        state = build_parts("tiny").mllm.state_dict()
+        state = build_backbones("tiny").mllm.state_dict()
         yield {k: (lambda v=v: v) for k, v in state.items() if LLM_KEY.fullmatch(k)}
         return
     root = Path(resolve_pretrained(mllm))
@@ -351,12 +392,14 @@ def source_llm(mllm: str):
         root = Path(hub_snapshot(mllm))
     files = sorted(root.glob("*.safetensors"))
     if not files:
-        raise ConversionError(f"sources.mllm {mllm}: no safetensors weights in {root}")
+        raise ConversionError(f"upstream.mllm {mllm}: no safetensors weights in {root}")
     with contextlib.ExitStack() as stack:
         out = {}
         for path in files:
             f = stack.enter_context(safe_open(str(path), framework="pt"))
-            out |= {normalise(k): (lambda f=f, k=k: f.get_tensor(k)) for k in f.keys() if LLM_KEY.fullmatch(normalise(k))}
+            out |= {
+                normalise(k): (lambda f=f, k=k: f.get_tensor(k)) for k in f.keys() if LLM_KEY.fullmatch(normalise(k))
+            }
         config = json.loads((root / "config.json").read_text()) if (root / "config.json").exists() else {}
         if config.get("tie_word_embeddings") and "lm_head.weight" not in out and VOCAB_ROWS[0] in out:
             out["lm_head.weight"] = out[VOCAB_ROWS[0]]  # tied: saved once, as the embeddings
@@ -372,21 +415,25 @@ def hub_snapshot(repo_id: str) -> str:
     try:
         return snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json"])
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        raise ConversionError(f"sources.mllm {repo_id}: neither a local directory nor a reachable hub repository "
-                              f"({type(e).__name__}: {e}); point --mllm at a local copy, or pass --skip-llm-check") from None
+        raise ConversionError(
+            f"upstream.mllm {repo_id}: neither a local directory nor a reachable hub repository "
+            f"({type(e).__name__}: {e}); point --mllm at a local copy, or pass --skip-llm-check"
+        ) from None
 
 
-def _write(release: Release, the_plan: Plan, expected: dict, cfg: ModelConfig, out: Path, overrides: dict[str, str]) -> Report:
+def _write(
+    release: Release, mapping: Mapping, expected: dict, cfg: ModelConfig, out: Path, overrides: dict[str, str]
+) -> Report:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from unilip.model import FORMAT_VERSION, OWN_PARTS, PRETRAINED
-    from unilip.presets import SOURCES
+    from unilip.presets import UPSTREAM
     from unilip.prompts import prompt_format
 
     out.mkdir(parents=True, exist_ok=True)
     by_component: dict[str, list[Move]] = {}
-    for move in the_plan.moves:
+    for move in mapping.moves:
         by_component.setdefault(move.component, []).append(move)
     tensors, parameters = {}, {}
     with contextlib.ExitStack() as files:
@@ -395,25 +442,27 @@ def _write(release: Release, the_plan: Plan, expected: dict, cfg: ModelConfig, o
             state = {}
             for move in by_component.get(component, []):
                 if not release.dtypes[move.src].startswith(("BF16", "F16", "F32")):
-                    raise ConversionError(f"{move.src}: dtype {release.dtypes[move.src]}, expected a floating-point tensor")
+                    raise ConversionError(
+                        f"{move.src}: dtype {release.dtypes[move.src]}, expected a floating-point tensor"
+                    )
                 t = handles[release.files[move.src]].get_tensor(move.src)
                 if move.part is not None:
                     t = t.chunk(3, dim=0)[move.part]
                 state[move.key] = t.float().contiguous()  # bf16 -> fp32 is exact
-            for c, key in the_plan.created:
+            for c, key in mapping.created:
                 if c == component:
                     state[key] = torch.zeros(expected[c][key])
             save_file(state, str(out / f"{component}.safetensors"))
             tensors[component], parameters[component] = len(state), sum(t.numel() for t in state.values())
-    sources = asdict(SOURCES[cfg.preset])
-    sources["unilip_factor"] = float(release.config.get("unilip_factor", sources["unilip_factor"]))
-    sources.update({k: v for k, v in overrides.items() if v})
+    upstream = asdict(UPSTREAM[cfg.preset])
+    upstream["unilip_factor"] = float(release.config.get("unilip_factor", upstream["unilip_factor"]))
+    upstream.update({k: v for k, v in overrides.items() if v})
     parts = [*OWN_PARTS, *PRETRAINED]
     config = {
         "format": "unilip",
         "version": FORMAT_VERSION,
         "model": asdict(cfg),
-        "sources": sources,
+        "upstream": upstream,
         "trained_parts": sorted(parts),
         "saved_parts": parts,
         # what the release was trained and sampled with (its training data code and `generate_image`)
@@ -421,28 +470,49 @@ def _write(release: Release, the_plan: Plan, expected: dict, cfg: ModelConfig, o
         "converted_from": {
             "source": str(release.root),
             "files": sorted({p.name for p in release.files.values()}),
-            **{k: release.config.get(k) for k in ("n_query", "connect_layer", "unilip_factor", "mllm_path", "mllm_hf_path", "dit_path", "vae_path")},
+            **{
+                k: release.config.get(k)
+                for k in (
+                    "n_query",
+                    "connect_layer",
+                    "unilip_factor",
+                    "mllm_path",
+                    "mllm_hf_path",
+                    "dit_path",
+                    "vae_path",
+                )
+            },
             "tensors": len(release.shapes),
-            "unused_tensors": len(the_plan.unused),
+            "unused_tensors": len(mapping.unused),
         },
-    }  # fmt: skip
+    }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     _write_tokenizer(release.root, out / "tokenizer")
     unused: dict[str, int] = {}
-    for why in the_plan.unused.values():
+    for why in mapping.unused.values():
         unused[why] = unused.get(why, 0) + 1
-    created = {f"{c}/{k}": why for (c, k), why in the_plan.created.items()}
-    elsewhere = {what: (f"{where} = {sources[where.split('.')[1]]}" if where.startswith("sources.") else where) for what, where in ELSEWHERE.items()}
+    created = {f"{c}/{k}": why for (c, k), why in mapping.created.items()}
+    elsewhere = {
+        what: (f"{where} = {upstream[where.split('.')[1]]}" if where.startswith("upstream.") else where)
+        for what, where in ELSEWHERE.items()
+    }
     return Report(str(out), cfg.preset, tensors, parameters, unused, created, elsewhere)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-                   "merges.txt", "chat_template.jinja")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
 
 
 def _write_tokenizer(root: Path, out: Path) -> None:
     """The release's tokenizer files, checked to give this project's chat and image tokens
-    (the model itself loads the tokenizer of sources.mllm; this copy is for reference)."""
+    (the model itself loads the tokenizer of upstream.mllm; this copy is for reference)."""
     import shutil
 
     from transformers import AutoTokenizer

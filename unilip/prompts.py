@@ -40,5 +40,9 @@ def training_prompt(task: str, text: str) -> str:
 
 def prompt_format() -> dict[str, str]:
     """The templates, as a model directory's config records them (`{prompt}` for the text)."""
-    return {"generation": generation_prompt("{prompt}"), "editing": edit_prompt("{prompt}"),
-            "null_generation": NULL_GENERATION, "null_editing": NULL_EDIT}  # fmt: skip
+    return {
+        "generation": generation_prompt("{prompt}"),
+        "editing": edit_prompt("{prompt}"),
+        "null_generation": NULL_GENERATION,
+        "null_editing": NULL_EDIT,
+    }

@@ -9,21 +9,35 @@ endpoint (and throwaway credentials) through the environment.
     s3 = s3_access()
     s3.put_bytes("s3://bucket/key", b"...")
     fs, path = s3.resolve("s3://bucket/prefix")   # pyarrow filesystem + path
+    s3.write_bytes(uri, data); s3.read_bytes(uri)  # uri: s3:// or a local path, one way
+    path = s3.fetch("s3://bucket/weights/vgg.pth")  # a local copy, downloaded once (or a local path as is)
+
+Every "s3:// or local" decision is made here (`resolve`, the file helpers, `fetch`).
+Downloads land in the cache (`$UNILIP_CACHE`, default ~/.cache/unilip) through a temporary
+directory renamed into place, so processes on one machine fetching the same thing at once
+never read a half-written copy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from urllib.parse import urlparse
 
 from unilip.config import S3Config
+from unilip.errors import UserError
 
 
-class S3Error(RuntimeError):
-    """An S3 operation that failed; the message names the bucket/key and the cause."""
+class S3Error(UserError):
+    """An S3 operation that failed (a missing key or bucket, access denied, no endpoint);
+    the message names the bucket/key and the cause."""
 
 
 def is_s3(uri: str) -> bool:
@@ -33,10 +47,10 @@ def is_s3(uri: str) -> bool:
 def split_s3(uri: str) -> tuple[str, str]:
     """`s3://bucket/key` -> (bucket, key)."""
     if not is_s3(uri):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
+        raise S3Error(f"not an s3:// URI: {uri!r}")
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket:
-        raise ValueError(f"s3 URI without a bucket: {uri!r}")
+        raise S3Error(f"s3 URI without a bucket: {uri!r}")
     return bucket, key
 
 
@@ -156,6 +170,66 @@ class S3Access:
             keys += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])]
         return sorted(keys)
 
+    # ------------------------------------------------- files: s3:// or a local path
+
+    def read_bytes(self, uri: str) -> bytes:
+        """The file's bytes (S3Error from S3, OSError from a local file)."""
+        return self.get_bytes(uri) if is_s3(uri) else Path(uri).read_bytes()
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Whole or not at all: an S3 object appears complete; a local file is written
+        beside its place and renamed into it."""
+        if is_s3(uri):
+            self.put_bytes(uri, data)
+            return
+        path = Path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+
+    def open_output(self, uri: str):
+        """A stream writing the file `uri` (an S3 multipart upload, visible when closed;
+        a local file, its directory created)."""
+        fs, path = self.resolve(uri)
+        if not is_s3(uri):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return fs.open_output_stream(path)
+
+    def exists(self, uri: str) -> bool:
+        """Whether the file `uri` exists."""
+        return uri in self.list_keys(uri) if is_s3(uri) else Path(uri).is_file()
+
+    def list_files(self, uri: str) -> list[str]:
+        """Every file under a prefix or directory, as URIs (s3://... or paths), sorted."""
+        if is_s3(uri):
+            return self.list_keys(uri.rstrip("/") + "/")
+        root = Path(uri)
+        return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+
+    def fetch(self, uri: str, done: str | None = None) -> Path:
+        """A local path for `uri`: a local path as is (it must exist); an s3:// object, or
+        every object under an s3:// prefix, downloaded once into the cache. `done`: the file
+        that completes a downloaded prefix (a model directory's config.json)."""
+        if not is_s3(uri):
+            if not Path(uri).exists():
+                raise UserError(f"{uri} does not exist")
+            return Path(uri)
+        prefix = uri.rstrip("/") + "/"
+        keys = [k for k in self.list_keys(prefix) if not k.endswith("/")]
+        entry = cache_entry("s3", self.endpoint_url or "aws", uri)
+        if not keys:  # one object
+            name = uri.rsplit("/", 1)[1]
+            return cached(entry, lambda tmp: (tmp / name).write_bytes(self.get_bytes(uri)), name) / name
+
+        def download(tmp: Path) -> None:
+            for key in keys:
+                out = tmp / key[len(prefix) :]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(self.get_bytes(key))
+
+        return cached(entry, download, done or keys[-1][len(prefix) :])
+
     def bucket_exists(self, bucket: str) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -192,3 +266,35 @@ def s3_access(cfg: S3Config | None = None) -> S3Access:
         connect_timeout=cfg.connect_timeout,
         read_timeout=cfg.read_timeout,
     )
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("UNILIP_CACHE", Path.home() / ".cache" / "unilip"))
+
+
+def cache_entry(kind: str, store: str, uri: str) -> Path:
+    """The cache directory of `uri` in `store` (an S3 endpoint, an MLflow tracking server)."""
+    return cache_dir() / kind / hashlib.sha1(f"{store} {uri}".encode()).hexdigest()[:16]
+
+
+def cached(dst: Path, fill: Callable[[Path], None], done: str) -> Path:
+    """`dst` (a directory, complete when it holds `done`), filled by `fill(tmpdir)` and
+    renamed into place unless another process got there first."""
+    if (dst / done).exists():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}-"))
+    try:
+        fill(tmp)
+        if not (tmp / done).exists():
+            raise UserError(f"the download into {dst} has no {done}")
+        os.rename(tmp, dst)
+    except OSError:  # dst appeared meanwhile: a concurrent download won
+        if not (dst / done).exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from unilip.errors import InputError
 from unilip.generator import Condition
 
 MAX_STEPS = 1000
@@ -22,9 +23,9 @@ MAX_GUIDANCE = 30.0
 
 def check_sampling_args(guidance_scale: float, steps: int) -> None:
     if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"num_inference_steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+        raise InputError(f"num_inference_steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
     if not math.isfinite(guidance_scale) or not 0.0 <= guidance_scale <= MAX_GUIDANCE:
-        raise ValueError(f"guidance_scale must be a finite number from 0 to {MAX_GUIDANCE}, got {guidance_scale!r}")
+        raise InputError(f"guidance_scale must be a finite number from 0 to {MAX_GUIDANCE}, got {guidance_scale!r}")
 
 
 def make_scheduler(solver: str, shift: float):
@@ -34,7 +35,7 @@ def make_scheduler(solver: str, shift: float):
         return FlowMatchEulerDiscreteScheduler(shift=shift)
     if solver == "dpm":
         return DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
-    raise ValueError(f"solver must be 'euler' or 'dpm', got {solver!r}")
+    raise InputError(f"solver must be 'euler' or 'dpm', got {solver!r}")
 
 
 def concat_conditions(a: Condition, b: Condition) -> Condition:
@@ -50,9 +51,18 @@ def concat_conditions(a: Condition, b: Condition) -> Condition:
 
 
 @torch.no_grad()
-def sample(velocity, cond: Condition, uncond: Condition | None, shape: tuple[int, ...], steps: int,
-           guidance_scale: float, solver: str = "dpm", shift: float = 3.0,
-           generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def sample(
+    velocity,
+    cond: Condition,
+    uncond: Condition | None,
+    shape: tuple[int, ...],
+    steps: int,
+    guidance_scale: float,
+    solver: str = "dpm",
+    shift: float = 3.0,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Integrate from noise (t=1) to data (t=0). `velocity(x, t, cond)` predicts eps - x0.
     The starting noise is `noise` if given, else drawn from `generator`."""
     check_sampling_args(guidance_scale, steps)

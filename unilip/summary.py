@@ -26,22 +26,27 @@ def parameter_summary(preset: str, dit_pos_embed: str = "none") -> list[tuple[st
     embedding is a buffer: it changes what the DiT computes, not the counts."""
     from unilip.config import ModelConfig
     from unilip.model import UniLIP
-    from unilip.presets import build_parts
+    from unilip.presets import build_backbones
 
     with torch.device("meta"):
-        parts = build_parts(preset, init="random", device="meta", dit_pos_embed=dit_pos_embed)
+        parts = build_backbones(preset, init="random", device="meta", dit_pos_embed=dit_pos_embed)
         mllm = parts.mllm.model
         rows = [
             ("mllm (InternVL3)", count(parts.mllm)),
             ("  vision tower (InternViT)", count(mllm.vision_tower)),
             ("  projector", count(mllm.multi_modal_projector)),
             ("  language model (Qwen2, with embeddings)", count(mllm.language_model)),
-            ("  lm_head", count(parts.mllm.lm_head) if parts.mllm.lm_head.weight is not mllm.language_model.embed_tokens.weight else 0),
+            (
+                "  lm_head",
+                count(parts.mllm.lm_head)
+                if parts.mllm.lm_head.weight is not mllm.language_model.embed_tokens.weight
+                else 0,
+            ),
             ("dit (SANA)", count(parts.dit)),
             ("dc-ae", count(parts.dcae)),
             ("  encoder (unused by UniLIP)", count(parts.dcae.encoder)),
             ("  decoder", count(parts.dcae.decoder)),
-        ]  # fmt: skip
+        ]
         model = UniLIP(parts, ModelConfig(preset=preset, init="random", dit_pos_embed=dit_pos_embed), teacher=False)
     rows += [(f"component {name}", count(part)) for name, part in model.components().items()]
     rows.append(("unilip total", count(model)))

@@ -35,10 +35,23 @@ class VocabLayout:
 
 # Qwen2.5's chat tokens and InternVL's image tokens (transformers' InternVL converter adds
 # them in this order after Qwen2.5's 151,665 tokens); vocab_size 151674 in the configs.
-INTERNVL3 = VocabLayout(151674, {
-    PAD: 151643, IM_START: 151644, IM_END: 151645, IMG_START: 151665, IMG_END: 151666, IMG_CONTEXT: 151667,
-    "<quad>": 151668, "</quad>": 151669, "<ref>": 151670, "</ref>": 151671, "<box>": 151672, "</box>": 151673,
-})  # fmt: skip
+INTERNVL3 = VocabLayout(
+    151674,
+    {
+        PAD: 151643,
+        IM_START: 151644,
+        IM_END: 151645,
+        IMG_START: 151665,
+        IMG_END: 151666,
+        IMG_CONTEXT: 151667,
+        "<quad>": 151668,
+        "</quad>": 151669,
+        "<ref>": 151670,
+        "</ref>": 151671,
+        "<box>": 151672,
+        "</box>": 151673,
+    },
+)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -111,7 +124,9 @@ def _widen(bpe, layout: VocabLayout):
     ordinary = [t for t, _ in sorted(state["vocab"].items(), key=lambda kv: kv[1]) if t not in SPECIAL_TOKENS]
     special = {t: i for t, i in layout.ids.items()}
     if len(ordinary) > min(special.values()):
-        raise ValueError(f"{len(ordinary)} ordinary tokens do not fit below the first special id {min(special.values())}")
+        raise ValueError(
+            f"{len(ordinary)} ordinary tokens do not fit below the first special id {min(special.values())}"
+        )
     vocab = {t: i for i, t in enumerate(ordinary)}
     taken = set(special.values())
     vocab |= {f"<|filler_{i}|>": i for i in range(len(ordinary), layout.size) if i not in taken}
