@@ -72,8 +72,11 @@ async def _api_error(request: Request, e: ApiError):
 @app.exception_handler(Exception)
 async def _server_error(request: Request, e: Exception):
     # a bug of ours, not the request's: logged with its traceback, answered 500
+    from ray.exceptions import RayTaskError
+
     log.error("%s %s failed", request.method, request.url.path, exc_info=e)
-    return error_response(500, f"internal error: {type(e).__name__}", code="server_error")
+    cause = e.cause if isinstance(e, RayTaskError) and e.cause is not None else e  # the replica's own exception
+    return error_response(500, f"internal error: {type(cause).__name__}", code="server_error")
 
 
 @dataclass

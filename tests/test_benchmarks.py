@@ -31,7 +31,7 @@ from jobs.evaluation.fid import inception_network
 from jobs.evaluation.images import Sampling, run_eval
 from jobs.evaluation.metrics import FeatureMoments, frechet, frechet_distance, image_metrics
 from jobs.evaluation.recon import eval_crop, run_recon
-from jobs.evaluation.suites import BENCH_FILES, DPG, BenchError, GenEval, ImgEdit, Output, Wise, WiseVerified, benchmark
+from jobs.evaluation.suites import DPG, SUITE_FILES, BenchError, GenEval, ImgEdit, Output, Wise, WiseVerified, benchmark
 from tests.conftest import ROOT, run_cli
 from unilip.model import UniLIP
 
@@ -308,7 +308,7 @@ def test_the_shipped_geneval_file_is_the_pinned_one_and_bench_errors_are_clear(t
     assert bench.verify(files) == {
         "prompts/evaluation_metadata.jsonl": bench.pinned["prompts/evaluation_metadata.jsonl"]
     }
-    assert len(bench.items(files)) == 553 * 4 and (BENCH_FILES / "GENEVAL_LICENSE").read_text().startswith(
+    assert len(bench.items(files)) == 553 * 4 and (SUITE_FILES / "GENEVAL_LICENSE").read_text().startswith(
         "MIT License"
     )
     # the metadata file itself, under any name (as --help says)

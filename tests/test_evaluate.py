@@ -45,5 +45,5 @@ def test_fid_features_load_configured_weights(tmp_path):
     out = features(images, batch_size=2)
     assert out.shape == (3, 2048) and np.isfinite(out).all()
     np.testing.assert_allclose(features(images[:1]), out[:1], rtol=1e-5, atol=1e-8)  # batching does not change a row
-    with pytest.raises(UserError, match="do not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         FIDFeatures(tmp_path / "missing.pth")

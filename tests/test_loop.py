@@ -36,7 +36,7 @@ def host_reads_of_one_step(recipe_name: str) -> list[str]:
     import deepspeed
     import numpy as np
 
-    from jobs import loop
+    from jobs.training import loop
     from jobs.training.optim import deepspeed_config
     from jobs.training.train import prepare
     from pipelines.mix import collate

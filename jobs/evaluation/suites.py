@@ -33,7 +33,7 @@ import numpy as np
 
 from unilip.errors import UserError
 
-BENCH_FILES = Path(__file__).with_name("bench_files")
+SUITE_FILES = Path(__file__).with_name("suite_files")
 RESOLUTION = 448
 
 
@@ -175,7 +175,7 @@ class GenEval(Benchmark):
 
     def locate(self, path):
         if path is None:
-            return {"prompts/evaluation_metadata.jsonl": BENCH_FILES / "geneval_evaluation_metadata.jsonl"}
+            return {"prompts/evaluation_metadata.jsonl": SUITE_FILES / "geneval_evaluation_metadata.jsonl"}
         return super().locate(path)
 
     def lines(self, files) -> list[str]:
