@@ -59,12 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from unilip.errors import UserError
-
-    args = build_parser().parse_args(argv)
     # SIGTERM (kill, a stopped job, a CI timeout) unwinds like Ctrl-C, so `with` blocks stop
     # the services and servers they started.
     signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    return run(argv)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """One command, its exit status: what `main` runs, without the process-wide signal
+    handling (the tests run quick commands in their own process)."""
+    from unilip.errors import UserError
+
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except UserError as e:

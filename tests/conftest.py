@@ -112,6 +112,24 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def run_inline(*args: str) -> subprocess.CompletedProcess:
+    """`unilip ARGS...` in the test's own process: the command line's code path without a
+    child's start-up (imports are paid once a session). For quick commands that start
+    nothing; `run_cli` runs the ones that start services or must be a process of their own."""
+    import contextlib
+    import io
+
+    from cli import run
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = run(list(args))
+        except SystemExit as e:  # argparse: a usage error (2), --help (0)
+            code = e.code
+    return subprocess.CompletedProcess(["unilip", *args], code, out.getvalue(), err.getvalue())
+
+
 def sets(*overrides: str) -> list[str]:
     """`--set KEY=VALUE` arguments for a command, one pair per override."""
     return [arg for item in overrides for arg in ("--set", item)]

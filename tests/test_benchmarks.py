@@ -32,7 +32,7 @@ from jobs.evaluation.images import Sampling, run_eval
 from jobs.evaluation.metrics import FeatureMoments, frechet, frechet_distance, image_metrics
 from jobs.evaluation.recon import eval_crop, run_recon
 from jobs.evaluation.suites import DPG, SUITE_FILES, BenchError, GenEval, ImgEdit, Output, Wise, WiseVerified, benchmark
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, run_inline
 from unilip.model import UniLIP
 
 QUIET = dict(log=lambda m: None)
@@ -129,7 +129,7 @@ def test_layouts_pass_each_scorers_reading(ray_session, model_dir, tmp_path):
         assert np.array_equal(np.asarray(grid)[:448, 448:], tile)
     # check as the CLI runs it, then a planted mistake for each
     for name in runs:
-        ok = run_cli("eval", "check", name, str(out))  # the bench files its run.json names
+        ok = run_inline("eval", "check", name, str(out))  # the bench files its run.json names
         assert ok.returncode == 0 and "layout ok" in ok.stdout, (name, ok.stdout + ok.stderr)
     (out / "geneval" / "00000" / "samples" / "00003.png").unlink()
     (out / "wise" / "401.png").rename(out / "wise" / "4010.png")
@@ -142,7 +142,7 @@ def test_layouts_pass_each_scorers_reading(ray_session, model_dir, tmp_path):
     assert DPG().check(out, DPG().locate(str(runs["dpg"][1]))) == [
         "dpg/notes.txt: not a prompt's name (the scorer would fail on it)"
     ]
-    bad = run_cli("eval", "check", "geneval", str(out), "--bench", str(runs["geneval"][1]))
+    bad = run_inline("eval", "check", "geneval", str(out), "--bench", str(runs["geneval"][1]))
     assert bad.returncode == 1 and "00000/samples: 3 images, expected 4" in bad.stdout
 
 
@@ -321,7 +321,7 @@ def test_the_shipped_geneval_file_is_the_pinned_one_and_bench_errors_are_clear(t
         Wise().locate(None)
     with pytest.raises(BenchError, match=r"WISE_legacy/data/cultural_common_sense.json not found"):
         Wise().locate(str(tmp_path))
-    out = run_cli("eval", "imgedit", "--model", "x", "--out", str(tmp_path / "o"), "--bench", str(tmp_path))
+    out = run_inline("eval", "imgedit", "--model", "x", "--out", str(tmp_path / "o"), "--bench", str(tmp_path))
     assert out.returncode == 2 and "basic_edit.json not found" in out.stderr
     with pytest.raises(BenchError, match="unknown benchmark"):
         benchmark("gedit")

@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_inline
 
 KUBERAY, AWS = ROOT / "cluster" / "kuberay", ROOT / "cluster" / "aws"
 K8S_VERSION = "1.37.0"  # kubernetes-validate's newest schemas (strict: unknown fields are errors)
@@ -287,5 +287,5 @@ def test_serve_configs_pass_ray_s_schema_and_unknown_keys_are_refused(tmp_path):
 def test_train_all_in_the_rayjob_template_is_a_clear_error():
     doc = load(KUBERAY / "rayjob.yaml", RECIPE="all", PRESET="unilip-1b", WORKERS="16")
     argv = doc["spec"]["entrypoint"].split()[3:]
-    r = run_cli(*argv)
+    r = run_inline(*argv)
     assert r.returncode == 2 and "a RayJob runs one stage: apply cluster/kuberay/rayjob.yaml once per stage" in r.stderr

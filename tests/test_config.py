@@ -1,7 +1,7 @@
 import pytest
 
 from jobs.training.recipes import load_recipe, recipe_names
-from tests.conftest import run_cli
+from tests.conftest import run_inline
 from unilip.config import ConfigError, Recipe, S3Config, apply_overrides, from_dict, load_yaml
 
 PAPER = {  # steps, global batch, lr, training image size (UNILIP_FACTS.md; gen stage 1: DC-AE's 512 px)
@@ -22,8 +22,8 @@ def test_all_six_recipes_load_with_the_paper_values():
         assert (r.train.steps, r.train.global_batch, r.train.lr, r.data.resolution) == (steps, batch, lr, res)
         assert r.train.min_lr == 1e-5 and r.train.precision == "bf16"
         assert r.data.preprocess == ("random_crop" if r.kind == "reconstruction" else "squash")
-        # the tiny variants train in the shipped precision too
-        assert load_recipe(name, variant="tiny").train.precision == "bf16"
+        # the tiny variants train in fp32: a CPU without bf16 instructions emulates it, about 5x slower
+        assert load_recipe(name, variant="tiny").train.precision == "fp32"
     assert load_recipe("recon-stage2").loss.gan_start_step == 200_000
     assert load_recipe("recon-stage2-448").loss.gan_start_step == 0
     assert load_recipe("recon-stage1").loss.gan == 0.0
@@ -102,10 +102,10 @@ def test_yaml_errors(tmp_path):
 
 
 def test_cli_recipe_show_and_bad_key():
-    ok = run_cli("recipe", "show", "recon-stage1", "--set", "train.lr=2e-4")
+    ok = run_inline("recipe", "show", "recon-stage1", "--set", "train.lr=2e-4")
     assert ok.returncode == 0, ok.stderr
     assert "lr: 0.0002" in ok.stdout
-    bad = run_cli("recipe", "show", "recon-stage1", "--set", "train.lrr=2e-4")
+    bad = run_inline("recipe", "show", "recon-stage1", "--set", "train.lrr=2e-4")
     assert bad.returncode == 2
     assert "unknown key 'train.lrr'" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -21,7 +21,7 @@ from pipelines.position import Intervals
 from pipelines.read import configure_data_context, raw_dataset, source_dataset
 from pipelines.sample_data import build_sample_dataset, editing_sample, generation_sample
 from pipelines.shards import Manifest, ShardInfo, ShardWriter, join
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_inline
 from unilip.config import DataConfig, SourceConfig
 from unilip.errors import UserError
 from unilip.s3 import s3_access
@@ -577,5 +577,5 @@ def test_data_bench_ingest_runs_the_workers_path_before_and_after(tmp_path):
         figures = [float(line.split("consumer CPU")[1].split("ms/image")[0]) for line in block]
         assert len(figures) == 2 and all(f > 0 for f in figures), r.stdout
     assert "consumer CPU" in r.stdout.splitlines()[-1] and "x less" in r.stdout.splitlines()[-1]
-    bad = run_cli("bench", "data", "--ingest", "--src", str(tmp_path / "generation"), "--micro-batch", "0")
+    bad = run_inline("bench", "data", "--ingest", "--src", str(tmp_path / "generation"), "--micro-batch", "0")
     assert bad.returncode == 2 and "--micro-batch" in bad.stderr

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from jobs.performance.memory import CHECKPOINTABLE, RESERVE, Component, GiB, MemoryEstimate, verdicts
-from tests.conftest import run_cli
+from tests.conftest import run_inline
 from unilip.activation_checkpointing import enable_checkpointing
 from unilip.meta import meta_run
 
@@ -114,7 +114,7 @@ def test_verdicts_name_what_fits_and_what_would():
 
 
 def test_plan_prints_memory_per_gpu_for_a_real_recipe():
-    r = run_cli("plan", "recon-stage2-448", "--gpus", "4")
+    r = run_inline("plan", "recon-stage2-448", "--gpus", "4")
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout
     assert (
@@ -124,6 +124,6 @@ def test_plan_prints_memory_per_gpu_for_a_real_recipe():
     assert "teacher (loss, fp32)" in out and "308,495,104" in out and "discriminator (loss, fp32)" in out
     assert "fits on a100-80g" in out and "does not fit on a100-40g" in out
     # without checkpointing the same stage needs more (measured again)
-    r = run_cli("plan", "recon-stage2-448", "--gpus", "4", "--set", "train.activation_checkpointing=[]")
+    r = run_inline("plan", "recon-stage2-448", "--gpus", "4", "--set", "train.activation_checkpointing=[]")
     total = lambda text: float(next(line for line in text.splitlines() if line.startswith("    total ")).split()[-1])  # noqa: E731  memory's
     assert total(r.stdout) > total(out) + 20

@@ -71,9 +71,9 @@ def test_mfu_counts_the_model_s_flops_and_hfu_the_recompute_too():
 
 
 def test_bench_model_refuses_what_it_cannot_run():
-    from tests.conftest import run_cli
+    from tests.conftest import run_inline
 
-    r = run_cli("bench", "model", "--preset", "tiny", "--device", "cuda")
+    r = run_inline("bench", "model", "--preset", "tiny", "--device", "cuda")
     assert r.returncode == 2 and "--device cuda: this machine's torch sees no CUDA device" in r.stderr
-    r = run_cli("bench", "model", "--preset", "tiny", "--device", "cpu", "--recipes", "gen-stage9")
+    r = run_inline("bench", "model", "--preset", "tiny", "--device", "cpu", "--recipes", "gen-stage9")
     assert r.returncode == 2 and "unknown recipe(s) ['gen-stage9']" in r.stderr

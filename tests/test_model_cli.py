@@ -1,10 +1,11 @@
-"""The offline model CLI as a user runs it, and loading pretrained parts from S3."""
+"""The offline model CLI as a user runs it (in this process: the same parser and handlers), and
+loading pretrained parts from S3."""
 
 import numpy as np
 import torch
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import run_inline
 from unilip.presets import build_backbones, resolve_pretrained
 
 ASTRONAUT = str(__import__("pathlib").Path(__import__("skimage").__file__).parent / "data" / "astronaut.png")
@@ -12,14 +13,14 @@ ASTRONAUT = str(__import__("pathlib").Path(__import__("skimage").__file__).paren
 
 def test_model_cli_end_to_end(tmp_path):
     model = str(tmp_path / "model")
-    r = run_cli("model", "init", "--preset", "tiny", "--out", model)  # default config: 256 queries
+    r = run_inline("model", "init", "--preset", "tiny", "--out", model)  # default config: 256 queries
     assert r.returncode == 0, r.stderr
     out = str(tmp_path / "out")
-    r = run_cli(
+    r = run_inline(
         "generate", "--model", model, "--prompt", "a red fox", "--n", "2", "--steps", "2", "--seed", "0", "--out", out
     )
     assert r.returncode == 0, r.stderr
-    r = run_cli(
+    r = run_inline(
         "edit",
         "--model",
         model,
@@ -33,30 +34,32 @@ def test_model_cli_end_to_end(tmp_path):
         out,
     )
     assert r.returncode == 0, r.stderr
-    r = run_cli("reconstruct", "--model", model, "--image", ASTRONAUT, "--out", out)
+    r = run_inline("reconstruct", "--model", model, "--image", ASTRONAUT, "--out", out)
     assert r.returncode == 0, r.stderr
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert files == ["edit-00.png", "generate-00.png", "generate-01.png", "reconstruction-00.png"]
     assert all(Image.open(tmp_path / "out" / f).size == (448, 448) for f in files)
-    r = run_cli(
+    r = run_inline(
         "understand", "--model", model, "--image", ASTRONAUT, "--question", "What is shown?", "--max-new-tokens", "3"
     )
     assert r.returncode == 0, r.stderr
     # the DiT's positional embedding, chosen at init and stated in the directory; the summary names it
-    r = run_cli("model", "init", "--preset", "tiny", "--out", str(tmp_path / "sincos"), "--set", "dit_pos_embed=sincos")
+    r = run_inline(
+        "model", "init", "--preset", "tiny", "--out", str(tmp_path / "sincos"), "--set", "dit_pos_embed=sincos"
+    )
     assert r.returncode == 0 and '"dit_pos_embed": "sincos"' in (tmp_path / "sincos" / "config.json").read_text(), (
         r.stderr
     )
-    r = run_cli("model", "summary", "--preset", "tiny", "--set", "dit_pos_embed=sincos")
+    r = run_inline("model", "summary", "--preset", "tiny", "--set", "dit_pos_embed=sincos")
     assert r.returncode == 0 and "DiT positional embedding: sincos" in r.stdout, r.stderr
-    r = run_cli("model", "summary", "--preset", "tiny", "--set", "dit_pos_embed=rope")
+    r = run_inline("model", "summary", "--preset", "tiny", "--set", "dit_pos_embed=rope")
     assert r.returncode == 2 and "dit_pos_embed" in r.stderr and "'none', 'sincos'" in r.stderr, r.stderr
     for args, message in (
         (["generate", "--model", model, "--prompt", "x", "--guidance", "nan"], "guidance_scale"),
         (["edit", "--model", model, "--image", str(tmp_path / "missing.png"), "--prompt", "x"], "cannot read image"),
         (["generate", "--model", str(tmp_path), "--prompt", "x"], "not a UniLIP model directory"),
     ):
-        r = run_cli(*args)
+        r = run_inline(*args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

@@ -93,6 +93,7 @@ def test_training_survives_losing_a_worker_node_with_every_sample_once(cluster, 
         "--run-name",
         "node-loss",
         *sets(
+            "train.precision=bf16",  # as the recipes ship; and its slower steps leave the kill time to land
             "train.steps=24",
             "train.checkpoint_every=2",
             "train.eval_every=24",

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_inline
 from tests.release_fixture import key_patterns, official_1b_keys, perturbed_tiny, release_state, write_release
 from unilip.model import UniLIP, component_state
 from unilip.official import ConversionError, convert_official, expected_shapes, map_keys, release_model_config
@@ -157,12 +157,12 @@ def test_a_release_with_another_frozen_llm_is_refused(tiny, tmp_path):
     # the source as a local directory (transformers' own save, legacy key names, tied head): the same check
     source = tmp_path / "internvl3-tiny"
     build_backbones("tiny").mllm.save_pretrained(source)
-    bad = run_cli("convert", "official", "--src", release, "--out", str(tmp_path / "out-c"), "--mllm", str(source))
+    bad = run_inline("convert", "official", "--src", release, "--out", str(tmp_path / "out-c"), "--mllm", str(source))
     assert bad.returncode == 2 and "layers.2.mlp.up_proj.weight: the release's frozen LLM differs" in bad.stderr, (
         bad.stderr[-2000:]
     )
     assert "--skip-llm-check" in bad.stderr and "Traceback" not in bad.stderr
-    good = run_cli(
+    good = run_inline(
         "convert",
         "official",
         "--src",
@@ -173,7 +173,7 @@ def test_a_release_with_another_frozen_llm_is_refused(tiny, tmp_path):
         str(source),
     )
     assert good.returncode == 0 and "frozen LLM: 75 tensors equal" in good.stdout, good.stderr[-2000:]
-    skipped = run_cli("convert", "official", "--src", release, "--out", str(tmp_path / "out-e"), "--skip-llm-check")
+    skipped = run_inline("convert", "official", "--src", release, "--out", str(tmp_path / "out-e"), "--skip-llm-check")
     assert skipped.returncode == 0 and "checking the release's frozen LLM" not in skipped.stdout, skipped.stderr[-2000:]
 
 
@@ -263,5 +263,5 @@ def test_cli_converts_from_s3_and_errors_name_the_problem(stack, s3, tiny, tmp_p
         "caption_projector",
         "dit",
     }
-    bad = run_cli("convert", "official", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
+    bad = run_inline("convert", "official", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "no readable config.json" in bad.stderr

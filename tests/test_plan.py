@@ -16,7 +16,7 @@ from jobs.performance.plan import (
     transformer_flops,
 )
 from jobs.training.recipes import chain, load_recipe
-from tests.conftest import run_cli
+from tests.conftest import run_inline
 
 
 def test_transformer_flops_by_hand():
@@ -115,12 +115,12 @@ def test_plan_arithmetic_and_task_share():
 
 
 def test_plan_cli_prints_every_recipe_and_rejects_bad_input():
-    out = run_cli("plan", "all", "--preset", "unilip-3b")
+    out = run_inline("plan", "all", "--preset", "unilip-3b")
     assert out.returncode == 0, out.stderr
     for name in chain():
         assert f"== {name} (unilip-3b)" in out.stdout
     assert out.stdout.count("\n  GPU hours ") == len(chain()) and "Assumptions:" in out.stdout
-    bad = run_cli("plan", "gen-stage2", "--gpu", "v100")
+    bad = run_inline("plan", "gen-stage2", "--gpu", "v100")
     assert bad.returncode == 2 and "unknown GPU 'v100'" in bad.stderr
-    bad = run_cli("plan", "no-such-stage")
+    bad = run_inline("plan", "no-such-stage")
     assert bad.returncode == 2 and "unknown recipe" in bad.stderr

@@ -3,7 +3,7 @@ the meta device, parameter counts against the checkpoints', the widened tokenize
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_inline
 from unilip.architectures import PUBLISHED_PARAMETERS
 from unilip.errors import UserError
 from unilip.presets import build_backbones
@@ -55,10 +55,10 @@ def test_the_widened_tokenizer_keeps_the_fixture_s_merges():
 
 
 def test_model_summary_cli():
-    r = run_cli("model", "summary", "--preset", "unilip-1b")
+    r = run_inline("model", "summary", "--preset", "unilip-1b")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "938,193,024" in r.stdout and "591,747,872" in r.stdout and "312,250,275" in r.stdout
-    r = run_cli("model", "summary", "--preset", "unilip-7b")
+    r = run_inline("model", "summary", "--preset", "unilip-7b")
     assert r.returncode == 2 and "unknown model preset 'unilip-7b'" in r.stderr
 
 

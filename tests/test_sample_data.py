@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipelines.sample_data import PHOTOS, apply_edit, build_sample_dataset
 from pipelines.shards import Manifest
-from tests.conftest import run_cli
+from tests.conftest import run_inline
 from unilip.errors import UserError
 from unilip.images import read_image
 from unilip.s3 import s3_access
@@ -114,10 +114,10 @@ def test_bad_arguments(tmp_path, kw, message):
 
 
 def test_cli_errors_are_clear(stack, tmp_path):
-    r = run_cli("data", "sample", "--out", "s3://bucket-that-does-not-exist/x", "--gen", "2", "--edit", "0")
+    r = run_inline("data", "sample", "--out", "s3://bucket-that-does-not-exist/x", "--gen", "2", "--edit", "0")
     assert r.returncode == 2 and "bucket-that-does-not-exist" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("data", "sample", "--out", str(tmp_path), "--gen", "-3")
+    r = run_inline("data", "sample", "--out", str(tmp_path), "--gen", "-3")
     assert r.returncode == 2 and "--gen" in r.stderr
-    r = run_cli("data", "sample", "--out", str(tmp_path / "ok"), "--gen", "2", "--edit", "1", "--size", "64")
+    r = run_inline("data", "sample", "--out", str(tmp_path / "ok"), "--gen", "2", "--edit", "1", "--size", "64")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "ok" / "editing" / "manifest.json").exists()
