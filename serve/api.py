@@ -28,6 +28,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayTaskError
 
 from unilip.config import ConfigError
 from unilip.errors import UserError
@@ -72,8 +73,6 @@ async def _api_error(request: Request, e: ApiError):
 @app.exception_handler(Exception)
 async def _server_error(request: Request, e: Exception):
     # a bug of ours, not the request's: logged with its traceback, answered 500
-    from ray.exceptions import RayTaskError
-
     log.error("%s %s failed", request.method, request.url.path, exc_info=e)
     cause = e.cause if isinstance(e, RayTaskError) and e.cause is not None else e  # the replica's own exception
     return error_response(500, f"internal error: {type(cause).__name__}", code="server_error")
