@@ -1,4 +1,4 @@
-"""Performance: `unilip bench model|train|serve|data` (each prints its figures and, with
+"""Performance: `unilip bench model|train|checkpoint|soak|serve|data` (each prints its figures and, with
 `--json FILE`, writes them) and `unilip plan` (what a run costs before renting GPUs)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from cli.options import overrides
 
 
 def add(sub) -> None:
-    bench = sub.add_parser("bench", help="performance benchmarks: model, train, serve, data").add_subparsers(
-        dest="bench_target", required=True, metavar="TARGET"
-    )
+    bench = sub.add_parser(
+        "bench", help="performance benchmarks: model, train, checkpoint, soak, serve, data"
+    ).add_subparsers(dest="bench_target", required=True, metavar="TARGET")
 
     def target(name: str, help: str, func) -> argparse.ArgumentParser:
         p = bench.add_parser(name, help=help)
@@ -33,13 +33,28 @@ def add(sub) -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed sampling calls per batch size (default 2)")
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: from its name)")
 
+    def training_run(p: argparse.ArgumentParser, steps: int, steps_help: str) -> None:
+        """The arguments of a benchmark that runs `unilip train`."""
+        p.add_argument("recipe", help="recipe name, e.g. recon-stage1")
+        p.add_argument("--preset", default="tiny")
+        p.add_argument("--steps", type=int, default=steps, help=f"{steps_help} (default {steps})")
+        overrides(p, "a recipe field")
+        p.add_argument("--from", dest="from_uri", help="start from this model (stages that follow another)")
+
     p = target("train", "time per optimizer step: `unilip train` (1 worker) vs a bare PyTorch loop", train)
-    p.add_argument("recipe", help="recipe name, e.g. recon-stage1")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps per loop (default 40)")
+    training_run(p, 40, "optimizer steps per loop")
     p.add_argument("--warmup", type=int, default=10, help="first steps left out of the figures (default 10)")
-    overrides(p, "a recipe field")
-    p.add_argument("--from", dest="from_uri", help="start from this model (stages that follow another)")
+
+    p = target("checkpoint", "the step loop's stall at a checkpoint: synchronous vs asynchronous upload", checkpoint)
+    training_run(p, 12, "optimizer steps per run")
+    p.add_argument("--every", type=int, default=2, help="a checkpoint every N steps (default 2)")
+
+    p = target(
+        "soak", "train the tiny preset on a local 3-node cluster under random faults; check every sample once", soak
+    )
+    p.add_argument("--minutes", type=float, default=20.0, help="how long faults are injected (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="the faults' kinds and moments (default 0)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: enough epochs to outlast the faults)")
 
     p = target("serve", "HTTP overhead at batch 1 and batching speed-up under concurrent load", serve)
     p.add_argument("--model", required=True, help="model to serve (directory, s3://..., models:/...)")
@@ -127,6 +142,18 @@ def train(args) -> dict:
     from jobs.performance.train_step import run_step_bench
 
     return run_step_bench(args.recipe, args.preset, args.steps, args.warmup, args.set, args.from_uri)
+
+
+def checkpoint(args) -> dict:
+    from jobs.performance.checkpoint import run_checkpoint_bench
+
+    return run_checkpoint_bench(args.recipe, args.preset, args.steps, args.every, args.set, args.from_uri)
+
+
+def soak(args) -> dict:
+    from jobs.performance.soak import run_soak
+
+    return run_soak(args.minutes, args.seed, args.steps)
 
 
 def serve(args) -> dict:

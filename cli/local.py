@@ -12,13 +12,22 @@ def add(sub) -> None:
     p.add_argument("--home", help="state directory (default: $UNILIP_HOME or ~/.unilip)")
     p.add_argument("--bucket", default="unilip", help="bucket created in the S3 server (default: unilip)")
     p.add_argument("--artifacts", choices=["bucket", "local"], default="bucket", help="where MLflow stores artifacts")
+    p.add_argument(
+        "--rotating-credentials",
+        action="store_true",
+        help="S3 with authentication enforced and keys that expire, served by a credentials endpoint",
+    )
+    p.add_argument("--rotation-s", type=float, default=30.0, help="seconds between keys (default: 30)")
     p.set_defaults(func=local)
 
 
 def local(args) -> int:
     from cluster.local import LocalStack
 
-    stack = LocalStack(args.home, bucket=args.bucket, artifacts=args.artifacts)
+    credentials = "rotating" if args.rotating_credentials else "static"
+    stack = LocalStack(
+        args.home, bucket=args.bucket, artifacts=args.artifacts, credentials=credentials, rotation_s=args.rotation_s
+    )
     if args.action == "up":
         stack.up()
         args.action = "status"

@@ -1,6 +1,7 @@
 """The embedded local stack: Ray, an S3-compatible server and MLflow, all on 127.0.0.1.
 
     unilip local up                # start whatever is not running, print the addresses
+    unilip local up --rotating-credentials   # S3 with authentication and keys that expire
     unilip local status            # what runs: PID, address, buckets
     eval "$(unilip local env)"     # point this shell (aws, mlflow, ray, unilip) at it
     unilip local down              # stop everything by PID
@@ -14,6 +15,11 @@ of its own led by the recorded PID; `down` signals that group (SIGTERM, then SIG
 after a grace period) and sweeps any process still naming the stack's directories.
 The S3 server is moto's `moto_server` (in memory: a restart empties it). MLflow stores
 runs in sqlite and proxies artifacts to the bucket (or a local directory).
+
+Credentials: by default one throwaway key in the environment, which moto accepts without
+checking. With `credentials="rotating"` the S3 server enforces authentication and a
+credentials endpoint (`cluster/credentials.py`) hands every process short-lived keys that
+it rotates and revokes, as an instance profile or Pod Identity does, only faster.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Literal
 
 from unilip.errors import UserError
 
-SERVICES = ("s3", "mlflow", "ray")  # start order: each may need the ones before it
+SERVICES = ("s3", "credentials", "mlflow", "ray")  # start order: each may need the ones before it
 DEFAULT_BUCKET = "unilip"
 LOCAL_CREDENTIAL = "unilip-local"  # moto accepts any key; never a real one
 HOST = "127.0.0.1"
@@ -52,14 +58,15 @@ NODE_PORTS = (
 HEAD_PORTS = ("dashboard", *NODE_PORTS, "ray-client-server")  # the head's own services too
 # SIGTERM grace before SIGKILL. Ray's processes wait on each other for a long time when
 # signalled together (`ray stop` allows 16 s); the local Ray holds nothing worth keeping.
-STOP_GRACE_S = {"s3": 5.0, "mlflow": 10.0, "ray": 2.0}
+STOP_GRACE_S = {"s3": 5.0, "credentials": 2.0, "mlflow": 10.0, "ray": 2.0}
 # Ray resolves "127.0.0.1" to the machine's address unless told it is a single-node
 # cluster (the switch is named for the platforms where that is the default). Token auth
 # is pinned off: the stack listens on loopback only, and Ray would otherwise switch it on
 # whenever ~/.ray/auth_token exists (any earlier `ray.init()` of a new cluster writes one).
 RAY_LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 # Ray Train's preemption watcher follows node drains (spot reclaims); one local node has
-# none, and every training attempt would start one more process for it. A training stage
+# none, and every training attempt would start one more process for it (a multinode
+# stack, whose nodes are drained and killed, keeps it). A training stage
 # starts about ten actor processes at once (controller, workers, dataset coordinators,
 # counters): Ray's default startup concurrency, the CPU count, warns about that on every
 # stage of a 2-CPU machine; 4 at a time (no slower, measured) is what this stack expects.
@@ -165,14 +172,22 @@ class LocalStack:
         artifacts: Literal["bucket", "local"] = "bucket",
         num_cpus: int | None = None,
         multinode: bool = False,
+        credentials: Literal["static", "rotating"] = "static",
+        rotation_s: float = 30.0,
         log=print,
     ):
         self.home = Path(home) if home else default_home()
         self.bucket = bucket
         self.artifacts = artifacts
         self.num_cpus = num_cpus
+        self.credentials, self.rotation_s = credentials, rotation_s
         # More Ray nodes on this machine (`add_node`): the head must not be a single-node cluster.
-        self.ray_env = {**RAY_HEAD_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if multinode else "0"}
+        # Nodes that can be drained (a notice before a node goes) are watched for.
+        self.ray_env = {
+            **RAY_HEAD_ENV,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1" if multinode else "0",
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1" if multinode else "0",
+        }
         self.log = log
         self._children: dict[int, subprocess.Popen] = {}  # reaped by us when we stop them
         self._saved_env: contextlib.ExitStack | None = None
@@ -219,11 +234,24 @@ class LocalStack:
                 AWS_REGION="us-east-1",
                 AWS_DEFAULT_REGION="us-east-1",
             )
+        if "credentials" in svc:
+            from cluster.credentials import PATH
+
+            # Empty keys are no keys to both SDKs' environment providers: the chain moves on
+            # to the container provider, which asks the endpoint.
+            env.update(AWS_ACCESS_KEY_ID="", AWS_SECRET_ACCESS_KEY="", AWS_SESSION_TOKEN="")
+            env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] = f"{svc['credentials'].address}{PATH}"
+            # moto cannot check a presigned URL while it enforces authentication (it looks
+            # for an Authorization header): MLflow clients then stream artifacts through the
+            # MLflow server instead of presigned S3 URLs, as they can on any store.
+            env.update(MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD="false", MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD="false")
         if "mlflow" in svc:
             env["MLFLOW_TRACKING_URI"] = svc["mlflow"].address
         if "ray" in svc:
             env.update(RAY_LOCAL_ENV, RAY_ADDRESS=svc["ray"].address)
-            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = self.ray_env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
+            # a driver hands these to Ray Train's controller and workers: the stack's own, not Ray's defaults
+            for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
+                env[key] = self.ray_env[key]
             env["RAY_API_SERVER_ADDRESS"] = f"http://{HOST}:{svc['ray'].ports['dashboard']}"
         return env
 
@@ -232,7 +260,9 @@ class LocalStack:
         from unilip.s3 import s3_access
 
         with patched_environ(self.env()):
-            return s3_access()
+            s3 = s3_access()
+            s3.client, s3.filesystem  # noqa: B018  (built now: each SDK reads the environment it is built in)
+        return s3
 
     def activate(self) -> None:
         """Put this stack's environment into os.environ (undone by `deactivate`)."""
@@ -270,7 +300,7 @@ class LocalStack:
         # Spawn everything first, then wait: the services start in parallel.
         starting = []
         for name in SERVICES:
-            if name not in services:
+            if name not in services or (name == "credentials" and self.credentials != "rotating"):
                 continue
             old = state["services"].get(name)
             if old and pid_alive(old.pid):
@@ -321,6 +351,40 @@ class LocalStack:
         pid, log = self._spawn("s3", [_bin("moto_server"), "-H", HOST, "-p", str(port)])
         svc = Service("s3", pid, port, log)
         return svc, lambda: _http_ok(f"{svc.address}/moto-api/"), 60.0
+
+    def _start_credentials(self, old: Service | None, state: dict):
+        if "s3" not in state["services"]:
+            raise StackError("rotating credentials need the s3 service; start it too")
+        from cluster.credentials import PATH
+
+        port = free_port()
+        cmd = [sys.executable, "-m", "cluster.credentials", "--s3", state["services"]["s3"].address]
+        cmd += ["--port", str(port), "--period", str(self.rotation_s), "--admin", str(self.admin_keys_file)]
+        pid, log = self._spawn("credentials", cmd)
+        svc = Service("credentials", pid, port, log)
+        return svc, lambda: _http_ok(f"{svc.address}{PATH}"), 60.0
+
+    @property
+    def admin_keys_file(self) -> Path:
+        """With rotating credentials: the S3 server's admin keys (see cluster/credentials.py)."""
+        return self.home / "credentials-admin.json"
+
+    def iam(self):
+        """With rotating credentials: an IAM client of the S3 server's admin, to change what
+        the stack's processes may do (the policy `unilip-runner` of the user `unilip-runner`)."""
+        from cluster.credentials import iam_client
+
+        if "credentials" not in self.services():
+            raise StackError("the stack runs without rotating credentials: nothing to administer")
+        keys = json.loads(self.admin_keys_file.read_text())
+        return iam_client(self.services()["s3"].address, (keys["AccessKeyId"], keys["SecretAccessKey"]))
+
+    def credential_rotations(self) -> int:
+        """Keys the rotating credentials endpoint has issued so far."""
+        from cluster.credentials import STATUS_PATH
+
+        with urllib.request.urlopen(f"{self.services()['credentials'].address}{STATUS_PATH}", timeout=10) as r:
+            return json.loads(r.read())["rotations"]
 
     def _start_mlflow(self, old: Service | None, state: dict):
         port = old.port if old and _port_free(old.port) else free_port()

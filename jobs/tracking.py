@@ -90,8 +90,11 @@ class Tracker:
         """The model this run registered, if it got that far."""
         return self.mlflow.get_run(self.run_id).data.tags.get("unilip.registered")
 
-    def end(self) -> None:
-        self.mlflow.end_run()
+    def end(self, stopped: str | None = None) -> None:
+        """Finish the run; `stopped`: why it stopped before its end (a re-run continues it)."""
+        if stopped:
+            self.mlflow.set_tag("unilip.stopped", stopped[:5000])
+        self.mlflow.end_run(status="FAILED" if stopped else "FINISHED")
 
 
 def find_run(experiment: str, run_name: str):

@@ -16,8 +16,8 @@ worker (`collate`), where it is one vectorised op and the object store carries 4
 Text: UTF-8, outer whitespace stripped, formatted with the release's prompt template
 (`unilip.prompts`). Generation captions over 1,000 characters are dropped, as the release drops them.
 
-Bad samples are dropped here and counted by reason (see `SKIP_REASONS`); the counts go
-to a `SkipCounter` actor the trainer reads for logging.
+Bad samples are dropped here and counted by reason (see `SKIP_REASONS`), per source and
+epoch, in the run's ledger (`pipelines.budget`), which the trainer logs and judges.
 """
 
 from __future__ import annotations
@@ -128,7 +128,15 @@ def decode_text(data: bytes | None, task: str) -> str:
 class SampleDecoder:
     """The `map_batches` function: raw rows -> decoded rows; bad rows dropped and counted."""
 
-    def __init__(self, task: str, resolution: int, counter=None, preprocess: str = "squash", seed: int = 0):
+    def __init__(
+        self,
+        task: str,
+        resolution: int,
+        counter=None,
+        preprocess: str = "squash",
+        seed: int = 0,
+        source: str | None = None,
+    ):
         if preprocess not in PREPROCESS:
             raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
         if task == "editing" and preprocess == "random_crop":
@@ -136,14 +144,14 @@ class SampleDecoder:
                 "editing pairs are squash-resized: a random crop would frame input and output differently"
             )
         self.task, self.resolution, self.counter = task, resolution, counter
-        self.preprocess, self.seed = preprocess, seed
+        self.preprocess, self.seed, self.source = preprocess, seed, source
 
     def __call__(self, batch: dict) -> dict:
         res = self.resolution
         # rows read outside a datasource (benchmarks, evaluation) have no epoch: 0
         epochs = np.asarray(batch["epoch"] if "epoch" in batch else [0] * len(batch["key"]), dtype=np.int64)
         keep, prompts, images, sources = [], [], [], []
-        skipped: Counter = Counter()
+        skipped: dict[int, Counter] = {}  # by epoch
         for i in range(len(batch["key"])):
             try:
                 if batch["skip"][i]:
@@ -158,15 +166,16 @@ class SampleDecoder:
                     source = decode_image(batch["source"][i], res, self.preprocess, rng, "missing_edit_input")
                 image = decode_image(batch["image"][i], res, self.preprocess, rng)
             except BadSample as e:
-                skipped[e.reason] += 1
+                skipped.setdefault(int(epochs[i]), Counter())[e.reason] += 1
                 continue
             keep.append(i)
             prompts.append(prompt)
             images.append(image)
             if self.task == "editing":
                 sources.append(source)
-        if skipped and self.counter is not None:
-            self.counter.add.remote(dict(skipped))
+        if self.counter is not None:
+            for epoch, counts in skipped.items():
+                self.counter.add.remote(dict(counts), self.source, epoch)
         out = {
             "key": np.asarray(batch["key"])[keep].astype(object),
             "url": np.asarray(batch["url"])[keep].astype(object),
@@ -178,28 +187,3 @@ class SampleDecoder:
         if self.task == "editing":
             out["source"] = np.stack(sources) if sources else np.zeros((0, res, res, 3), np.uint8)
         return out
-
-
-def skip_counter(name: str | None = None):
-    """A Ray actor that sums skip counts from every decode task (get_if_exists by name).
-
-    It lives on the creating driver's node (the head for a job), so losing a worker node
-    does not take it, and training that resumes on a replacement node can still report
-    to it; should its node go anyway, Ray restarts it (the counts then start again)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    @ray.remote(num_cpus=0)
-    class SkipCounter:
-        def __init__(self):
-            self.counts: Counter = Counter()
-
-        def add(self, counts: dict) -> None:
-            self.counts.update(counts)
-
-        def get(self) -> dict:
-            return dict(self.counts)
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    options = {"name": name, "get_if_exists": True} if name else {}
-    return SkipCounter.options(scheduling_strategy=here, max_restarts=-1, max_task_retries=-1, **options).remote()

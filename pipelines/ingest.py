@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipelines.decode import skip_counter
+from pipelines.budget import skip_counter
 from pipelines.mix import MixSource, TaskMixer, effective_weights
 from pipelines.order import Order, keyed_rng, manifest_digest
 from pipelines.position import Position

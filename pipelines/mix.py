@@ -51,6 +51,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from unilip.config import ConfigError
+from unilip.errors import UserError
+
+
+class EmptyEpoch(UserError):
+    """A source's epoch without a single sample: its shards unreadable or all bad (the run's
+    ledger, `pipelines.budget`, says which)."""
 
 
 @dataclass
@@ -198,7 +204,7 @@ def epoch_stream(source: MixSource, first_epoch: int) -> Iterator[tuple[int, dic
                 rows += len(batch["key"])
                 yield epoch, batch
         if not rows:
-            raise RuntimeError(f"data source {source.name!r} yields no samples")
+            raise EmptyEpoch(f"data source {source.name!r} yields no samples in epoch {epoch}")
         epoch += 1
 
 
@@ -394,25 +400,40 @@ def prepared(mixer: TaskMixer, accumulation: int, depth: int) -> Iterator[tuple[
 
 
 class StepData:
-    """One step's micro batches from `prepared`, each moved onto the device by `move`
-    (`collate` in training, `to_device` in the ingest benchmark) as the step asks for it,
-    while the next ones are prepared. Afterwards: the raw batches (`consumed`), the
-    mixer's state after the step, the time spent waiting for them and the host's time moving them."""
+    """One step's micro batches from `prepared`, taken from the reader by `fetch` before
+    the step starts (so that a failing data plane stops every worker at the same step
+    boundary instead of one of them mid-step), each moved onto the device by `move`
+    (`collate` in training, `to_device` in the ingest benchmark) as the step asks for it.
+    Afterwards: the raw batches (`consumed`), the mixer's state after the step, the time
+    spent waiting for them and the host's time moving them."""
 
     def __init__(self, micro_batches, accumulation: int, device, move: Callable[[dict, object], dict]):
         self.micro_batches, self.accumulation, self.device, self.move = micro_batches, accumulation, device, move
+        self.fetched: list[tuple[dict, dict | None]] = []
         self.consumed, self.mixer_state, self.wait_s, self.host_s = [], None, 0.0, 0.0
 
     def __len__(self) -> int:
         return self.accumulation
 
+    def fetch(self) -> Exception | None:
+        """The step's raw micro batches, now; the reader's failure returned, not raised."""
+        asked = time.perf_counter()
+        try:
+            while len(self.fetched) < self.accumulation:
+                self.fetched.append(next(self.micro_batches))
+        except Exception as e:  # noqa: BLE001 - the caller decides what it means
+            return e
+        finally:
+            self.wait_s += time.perf_counter() - asked
+        return None
+
     def __iter__(self):
-        for _ in range(self.accumulation):
-            asked = time.perf_counter()
-            raw, state = next(self.micro_batches)
-            got = time.perf_counter()
+        if (error := self.fetch()) is not None:
+            raise error
+        for raw, state in self.fetched:
+            moved = time.perf_counter()
             batch = self.move(raw, self.device)
-            self.wait_s, self.host_s = self.wait_s + got - asked, self.host_s + time.perf_counter() - got
+            self.host_s += time.perf_counter() - moved
             self.consumed.append(raw)
             if state is not None:  # the step's last micro batch
                 self.mixer_state = state

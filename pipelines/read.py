@@ -79,12 +79,12 @@ def source_dataset(
 ):
     """Decoded rows (key, url, index, epoch, prompt, image[, source]) of one source, framed
     by `preprocess` (random crops seeded by `order.seed` and the epoch); bad samples
-    dropped and counted by reason in `counter` (a SkipCounter), which also counts
-    `storage_retries`. `done`, `order`, `source`, `first_epoch`: see `raw_dataset`."""
+    dropped and counted by reason, source and epoch in `counter` (the run's ledger,
+    `pipelines.budget`), which also hears of every shard's end and counts `storage_retries`. `done`, `order`, `source`, `first_epoch`: see `raw_dataset`."""
     from pipelines.decode import SampleDecoder
 
     return raw_dataset(uri, task, s3, counter, done, order, source, first_epoch).map_batches(
-        SampleDecoder(task, resolution, counter, preprocess, order.seed),
+        SampleDecoder(task, resolution, counter, preprocess, order.seed, source or uri),
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=concurrency,

@@ -9,7 +9,12 @@ Failure handling, per shard:
   the object at the current offset with exponential backoff, so no sample is lost;
 - a shard that stays unreadable (a missing object after a few tries), or a tar that is truncated or corrupt, ends that
   shard: the samples read so far are kept and one row with `skip` = "unreadable_shard"
-  or "truncated_tar" reports the rest.
+  or "truncated_tar" reports the rest;
+- access denied (a refused or unknown key, a policy that excludes the object) is not bad
+  data: after a few tries (the SDK may have refreshed its credentials meanwhile) the read
+  task fails with `StorageAccessError`.
+Each shard's end, whole or early with the samples it lost and its error, and any access
+denied go to the run's ledger (`pipelines.budget`), which stops a run past its budget.
 
 Rows have a fixed schema per task: `key`, `url`, `index` (position in the shard),
 `epoch` (of the source, as the datasource read it), `text` (raw bytes), `image` (the
@@ -27,9 +32,31 @@ from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
 from pipelines.order import Order, interleave_width, read_plan, shard_groups, shard_order
+from unilip.errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 READ_BLOCK_BYTES = 4 * 1024 * 1024  # per open shard; a read task opens up to data.shard_interleave
+
+
+# How the AWS C++ SDK (pyarrow) names a refused request; boto3's codes are the CamelCase forms.
+ACCESS_ERRORS = (
+    "ACCESS_DENIED",
+    "INVALID_ACCESS_KEY_ID",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "EXPIRED_TOKEN",
+    "INVALID_CLIENT_TOKEN_ID",
+    "UNRECOGNIZED_CLIENT",
+    "HTTP status 401",
+    "HTTP status 403",
+)
+
+
+class StorageAccessError(UserError):
+    """A read refused by the store: credentials or permissions, never bad data."""
+
+
+def access_denied(e: OSError) -> bool:
+    return isinstance(e, PermissionError) or any(code in str(e) for code in ACCESS_ERRORS)
 
 
 class ResilientReader(io.RawIOBase):
@@ -43,12 +70,14 @@ class ResilientReader(io.RawIOBase):
         base_delay: float = 0.5,
         max_delay: float = 8.0,
         missing_attempts: int = 4,
+        access_attempts: int = 3,
     ):
         self._open, self.name = open_file, name
         self.attempts, self.base_delay, self.max_delay = attempts, base_delay, max_delay
         self.missing_attempts = min(missing_attempts, attempts)
+        self.access_attempts = min(access_attempts, attempts)
         self._file, self._pos = None, 0
-        self.retries = 0
+        self.retries, self.error = 0, ""
 
     def readable(self) -> bool:
         return True
@@ -64,14 +93,22 @@ class ResilientReader(io.RawIOBase):
                 buffer[: len(data)] = data
                 self._pos += len(data)
                 return len(data)
-            except PermissionError:
-                raise  # permanent: retrying cannot help
             except OSError as e:
                 # A shard the manifest lists but the store does not show (yet) is given a
-                # few tries (a store coming back from an outage, replication lag), not all.
-                self._file = None
-                limit = self.missing_attempts if isinstance(e, FileNotFoundError) else self.attempts
+                # few tries (a store coming back from an outage, replication lag), not all;
+                # so is a refused read (credentials the SDK refreshes meanwhile).
+                self._file, self.error = None, str(e)
+                denied = access_denied(e)
+                limit = (
+                    self.access_attempts
+                    if denied
+                    else self.missing_attempts
+                    if isinstance(e, FileNotFoundError)
+                    else self.attempts
+                )
                 if attempt >= limit - 1:
+                    if denied:
+                        raise StorageAccessError(f"reading {self.name}: {e}") from e
                     raise
                 self.retries += 1
                 time.sleep(delay)
@@ -91,7 +128,7 @@ def split_member(name: str) -> tuple[str, str]:
 
 
 def iter_samples(stream, url: str):
-    """Yield (key, {ext: bytes}) per sample, then ("", reason) if the tar breaks off."""
+    """Yield (key, {ext: bytes}) per sample, then ("", (reason, error)) if the tar breaks off."""
     key, members = None, {}
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
@@ -106,7 +143,7 @@ def iter_samples(stream, url: str):
                 members[ext] = tar.extractfile(info).read()
     except (tarfile.TarError, EOFError, OSError) as e:
         # The sample being read may be cut off: it goes with the unreadable rest of the shard.
-        yield "", "unreadable_shard" if isinstance(e, OSError) else "truncated_tar"
+        yield "", ("unreadable_shard" if isinstance(e, OSError) else "truncated_tar", str(e) or type(e).__name__)
         return
     if key is not None:
         yield key, members
@@ -129,20 +166,27 @@ def error_row(url: str, reason: str, task: str) -> dict:
 
 
 def read_shard(fs, path: str, url: str, task: str, attempts: int = 8, stats: dict | None = None, done=()):
-    """Rows of one shard (see the module doc); never raises for storage or tar errors.
+    """Rows of one shard (see the module doc); never raises for storage or tar errors, only
+    `StorageAccessError` for a refused read.
 
     `index` is the sample's position in the shard; samples whose index is in `done`
     (consumed before a resume) are passed over. `stats["storage_retries"]` counts the
-    reads that were retried after a storage error."""
+    reads that were retried after a storage error; a shard that breaks off leaves its
+    error and the samples it had read before in `stats["ended"]`."""
     reader = ResilientReader(lambda: fs.open_input_file(path), url, attempts=attempts)
     try:
         stream = io.BufferedReader(reader, buffer_size=READ_BLOCK_BYTES)
         for index, (key, members) in enumerate(iter_samples(stream, url)):
             if not key:
-                yield error_row(url, members, task)
+                reason, error = members
+                if stats is not None:
+                    stats["ended"] = (error, index)
+                yield error_row(url, reason, task)
             elif index not in done:
                 yield sample_row(key, url, index, members, task)
-    except OSError:  # could not even open it
+    except OSError as e:  # could not even open it
+        if stats is not None:
+            stats["ended"] = (str(e), 0)
         yield error_row(url, "unreadable_shard", task)
     finally:
         if stats is not None and reader.retries:
@@ -251,6 +295,10 @@ class ShardDatasource(Datasource):
             stats: dict = {}
             rows: list[dict] = []
 
+            def report(what: str, *args):  # to the run's ledger, without waiting for it
+                if counter is not None:
+                    getattr(counter, what).remote(*args)
+
             def emit(row):
                 row["epoch"] = epoch
                 rows.append(row)
@@ -260,13 +308,17 @@ class ShardDatasource(Datasource):
                 if streams[j] is None:
                     fs, path = s3.resolve(group[j][0])
                     streams[j] = read_shard(fs, path, group[j][0], task, attempts, stats, done.get(group[j][0], ()))
+                url, n = group[j]
                 for r in streams[j]:
                     if r["index"] < 0:  # the shard broke off: report it once; its rest is gone
                         emit(r)
+                        error, read = stats.pop("ended", ("", 0))
+                        report("shard", source, epoch, url, r["skip"], n - read, error)
                         break
                     if r["index"] == i:
-                        if i == group[j][1] - 1:
+                        if i == n - 1:
                             streams[j].close()  # the shard's last sample: let its buffers go
+                            report("shard", source, epoch, url, None)
                         return r
                     waiting[j][r["index"]] = r
                 ended[j] = True
@@ -277,7 +329,11 @@ class ShardDatasource(Datasource):
                     continue
                 row = waiting[j].pop(i, None)
                 if row is None and not ended[j]:
-                    row = advance(j, i)
+                    try:
+                        row = advance(j, i)
+                    except StorageAccessError as e:
+                        report("deny", source, str(e))
+                        raise
                 if row is not None:
                     emit(row)
                 if len(rows) >= rows_per_block:
@@ -286,8 +342,8 @@ class ShardDatasource(Datasource):
             for stream in streams:
                 if stream is not None:
                     stream.close()  # reports its storage retries into `stats`
-            if stats and counter is not None:
-                counter.add.remote(stats)
+            if stats:
+                report("add", stats)
             if rows:
                 yield pa.Table.from_pylist(rows, schema=schema)
 

@@ -28,8 +28,16 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    """The embedded stack, started once, its environment active for the session; stopped by PID."""
-    st = LocalStack(tmp_path_factory.mktemp("stack"), bucket="unilip-test", log=lambda m: None)
+    """The embedded stack, started once, its environment active for the session; stopped by
+    PID. Its S3 server enforces authentication, and every process's keys expire and are
+    revoked every 30 seconds (cluster/credentials.py): the whole suite runs under rotation."""
+    st = LocalStack(
+        tmp_path_factory.mktemp("stack"),
+        bucket="unilip-test",
+        credentials="rotating",
+        rotation_s=30,
+        log=lambda m: None,
+    )
     with st:
         yield st
     assert st.leftover_processes() == []

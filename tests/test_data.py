@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.decode import frame, sample_rng, skip_counter
+from pipelines.budget import skip_counter
+from pipelines.decode import frame, sample_rng
 from pipelines.ingest import build_sources, worker_mixer
 from pipelines.mix import MixSource, ReadAhead, StepSchedule, TaskMixer, collate, effective_weights, prepared
 from pipelines.order import Order

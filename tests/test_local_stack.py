@@ -67,7 +67,7 @@ def test_cli_help_lists_subcommands():
 @pytest.mark.stack
 def test_cli_local_up_status_down_leaves_nothing(tmp_path):
     home = str(tmp_path / "home")
-    up = run_cli("local", "up", "--home", home, "--bucket", "cli-bucket")
+    up = run_cli("local", "up", "--home", home, "--bucket", "cli-bucket", "--rotating-credentials")
     assert up.returncode == 0, up.stdout + up.stderr
     try:
         status = run_cli("local", "status", "--home", home)
@@ -76,9 +76,12 @@ def test_cli_local_up_status_down_leaves_nothing(tmp_path):
             assert f"{name:<7} running" in status.stdout
         assert "cli-bucket" in status.stdout
         pids = [svc.pid for svc in LocalStack(home).services().values()]
-        assert len(pids) == 3 and all(pid_alive(p) for p in pids)
+        assert len(pids) == 4 and all(pid_alive(p) for p in pids)
         env = run_cli("local", "env", "--home", home)
         assert "export AWS_ENDPOINT_URL_S3=http://127.0.0.1:" in env.stdout
+        # keys come from the rotating endpoint, through the container provider of both SDKs
+        assert "export AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:" in env.stdout
+        assert "export AWS_ACCESS_KEY_ID=''" in env.stdout
         again = run_cli("local", "up", "--home", home)  # idempotent: nothing restarted
         assert "already running" in again.stdout
         assert [svc.pid for svc in LocalStack(home).services().values()] == pids

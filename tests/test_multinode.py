@@ -2,7 +2,10 @@
 nodes, each its own raylet started with `ray start` in its own session), with the
 embedded S3 and MLflow. A training run with one worker on each worker node loses one
 node (its raylet and every process on it, SIGKILL) mid-epoch; once a replacement node
-joins, the run resumes from its S3 checkpoint and trains every sample of the epoch once. A
+joins, the run resumes from its S3 checkpoint. Then another node gets a notice (Ray's
+drain, as a spot reclaim or a pod's preStop hook asks for): the run checkpoints at once,
+resumes on a replacement, and loses no step when the node goes. Every sample of the
+epoch is trained once. A
 Serve application under steady load scales from 1 to 2 model replicas (one per worker
 node), loses the node of one, recovers once a replacement joins, and scales back to 1.
 
@@ -11,9 +14,11 @@ worker node 2, and a training worker asks for 1.5, so no node holds two and the 
 """
 
 import os
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -36,8 +41,10 @@ def cluster(tmp_path_factory):
         st.up()
         for name in ("node-1", "node-2"):
             add_node(st, name)
+        st.activate()  # this module's clients reach this cluster (its keys are read where used)
         yield st
     finally:
+        st.deactivate()
         st.down()
         assert st.leftover_processes() == []
 
@@ -70,11 +77,30 @@ def train_workers(st) -> dict[str, str]:
     return {a.actor_id: a.node_id for a in state(st, "actors") if a.class_name == "RayTrainWorker"}
 
 
-def test_training_survives_losing_a_worker_node_with_every_sample_once(cluster, tmp_path):
+def last_trained(s3, runs: str) -> int:
+    """The newest step whose samples a worker recorded as trained."""
+    return max(int(k.rsplit("/", 1)[1][5:13]) for k in s3.list_keys(f"{runs}/samples/"))
+
+
+def worker_lines(log, pattern: str) -> list[tuple[int, int]]:
+    """(worker pid, the number `pattern` captures) of each distinct training-worker line, in order."""
+    found = re.findall(r"RayTrainWorker pid=(\d+)\S*\s+.*?" + pattern, log.read_text())
+    return list(dict.fromkeys((int(pid), int(n)) for pid, n in found))
+
+
+def wait_until(condition, proc, log, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-6000:]
+        time.sleep(0.5)
+
+
+def test_training_survives_losing_worker_nodes_and_a_notice_costs_no_step(cluster, tmp_path):
     s3 = cluster.s3()
     root = write_samples(cluster, s3)
-    # 96 samples, 24 steps x global batch 4: one epoch; checkpoints every 2 steps. The node
-    # goes at step 4: 20 steps (about 20 s here) are left for the kill to land in
+    # 96 samples, 24 steps x global batch 4: one epoch; checkpoints every 4 steps. A node
+    # goes without notice after step 6, another with notice (Ray's drain, as a spot
+    # reclaim or a pod's preStop hook asks for) a few steps after the resume.
     build_sample_dataset(f"{root}/many", s3, 96, 0, shard_size=2, size=64, log=lambda m: None)
     runs = f"{root}/runs/node-loss"
     log = tmp_path / "train.log"
@@ -93,34 +119,56 @@ def test_training_survives_losing_a_worker_node_with_every_sample_once(cluster, 
         "--run-name",
         "node-loss",
         *sets(
-            "train.precision=bf16",  # as the recipes ship; and its slower steps leave the kill time to land
+            "train.precision=bf16",  # as the recipes ship; and its slower steps leave the faults time to land
             "train.steps=24",
-            "train.checkpoint_every=2",
+            "train.checkpoint_every=4",
             "train.eval_every=24",
             "train.record_samples=true",
             f"data.sources.0.uri={root}/many/generation",
         ),
     ]
-    env = {**os.environ, **cluster.env()}
+    env = {**os.environ, **cluster.env(), "RAY_DEDUP_LOGS": "0"}  # every worker line, for the test to read
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+    resumes = lambda: worker_lines(log, r"resumed from step (\d+)")  # noqa: E731
     try:
-        deadline = time.monotonic() + 600
-        while not s3.list_keys(f"{runs}/step-00000004/") and time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-6000:]
-            time.sleep(1)
+        wait_until(lambda: s3.exists(f"{runs}/samples/step-00000006-rank-0.json"), proc, log)
         names = node_names(cluster)
         assert sorted(names[n] for n in train_workers(cluster).values()) == ["node-1", "node-2"]  # one on each
-        assert not s3.list_keys(f"{runs}/step-00000020/"), "the run got too close to its end before the node loss"
-        cluster.kill_node("node-1")
+        trained_at_loss = last_trained(s3, runs)
+        cluster.kill_node("node-1")  # no notice
         add_node(cluster, "node-3")  # the replacement machine
+        wait_until(lambda: resumes(), proc, log)
+        (worker, first), *_ = resumes()
+        trained = lambda: [n for pid, n in worker_lines(log, r"\] step (\d+)/24") if pid == worker]  # noqa: E731
+        wait_until(lambda: any(n >= first + 2 for n in trained()), proc, log)  # trained again
+        assert max(trained()) < 20, "the run got too close to its end before the notice"
+        node_2 = next(n for n, name in node_names(cluster).items() if name == "node-2")
+        drain = [
+            str(Path(sys.executable).parent / "ray"),
+            "drain-node",
+            "--address",
+            cluster.env()["RAY_ADDRESS"],
+            "--node-id",
+            node_2,
+        ]
+        drain += ["--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim in 2 minutes"]
+        subprocess.run([*drain, "--deadline-remaining-seconds", "120"], env=env, check=True, capture_output=True)
+        add_node(cluster, "node-4")  # its replacement, started on the notice
+        notices = lambda: worker_lines(log, r"checkpointing step (\d+) before")  # noqa: E731
+        wait_until(notices, proc, log, timeout=120)
+        (_, trained_at_notice), *_ = notices()  # the steps trained when the notice came
+        wait_until(lambda: len(resumes()) == 2, proc, log)
+        cluster.kill_node("node-2")  # the reclaim itself
         assert proc.wait(timeout=900) == 0, log.read_text()[-6000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    logs = log.read_text()
-    assert "resumed from step" in logs, logs[-6000:]
+    (_, first), (_, second) = resumes()
+    redone_without_notice, redone_with_notice = trained_at_loss - first, trained_at_notice - second
+    print(f"steps redone: {redone_without_notice} after the loss without notice, {redone_with_notice} with")
+    assert redone_with_notice == 0 < redone_without_notice, (redone_without_notice, redone_with_notice)
     steps, per_rank = recorded_samples(s3, runs)
     assert steps == [f"step-{i:08d}" for i in range(1, 25)]  # every step recorded once
     keys = per_rank[0] + per_rank[1]

@@ -2,9 +2,12 @@
 release's token sequences, built here the way the release builds them (one chat-template
 call per turn, the assistant turn's last two tokens cut, then <img> + 256 query slots)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from pipelines.budget import DataLedger
 from pipelines.decode import SampleDecoder
 from pipelines.sample_data import generation_sample
 from unilip.config import ModelConfig
@@ -120,19 +123,20 @@ def test_overlong_prompts_are_cut_in_training_and_refused_at_inference(model):
         model.generator.tokens(long_edit, 256)
 
 
-class Counts:
-    """Stands in for the SkipCounter actor handle: `counter.add.remote(counts)`."""
+class InProcess:
+    """An actor handle's `handle.method.remote(...)` calls, run on a local object (the
+    run's ledger, here without Ray)."""
 
-    def __init__(self):
-        self.seen, self.add = [], self
+    def __init__(self, obj):
+        self.obj = obj
 
-    def remote(self, counts):
-        self.seen.append(counts)
+    def __getattr__(self, name):
+        return SimpleNamespace(remote=getattr(self.obj, name))
 
 
 def test_long_captions_are_skipped_and_counted():
-    counts = Counts()
-    out = SampleDecoder("generation", 56, counts)(
+    ledger = DataLedger()
+    out = SampleDecoder("generation", 56, InProcess(ledger), source="captions")(
         {
             "key": ["a", "b"],
             "url": ["u", "u"],
@@ -142,7 +146,8 @@ def test_long_captions_are_skipped_and_counted():
             "text": [("x" * 1000).encode(), ("x" * 1001).encode()],
         }
     )
-    assert list(out["key"]) == ["a"] and counts.seen == [{"caption_too_long": 1}]  # 1,000 characters pass, 1,001 do not
+    assert list(out["key"]) == ["a"]  # 1,000 characters pass, 1,001 do not
+    assert ledger.get() == {"caption_too_long": 1} and ledger.epochs[("captions", 0)].skipped == 1
     edit = SampleDecoder("editing", 56)(
         {
             "key": ["e"],

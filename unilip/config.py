@@ -29,11 +29,11 @@ class ConfigError(UserError):
 
 @dataclass
 class S3Config:
-    """How to reach S3. Unset fields come from the usual AWS environment and profiles."""
+    """How to reach S3. Unset fields come from the usual AWS environment variables; the
+    credentials always come from the SDK's default chain, in every process (`unilip.s3`)."""
 
     endpoint_url: str | None = None  # None: AWS S3 (or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)
     region: str | None = None  # None: AWS_REGION / AWS_DEFAULT_REGION / profile / us-east-1
-    profile: str | None = None  # named profile; None: AWS_PROFILE or the default chain
     max_attempts: int = 10  # per request, with exponential backoff (standard retry mode)
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
@@ -105,6 +105,11 @@ class DataConfig:
     eval_uri: str | None = None  # held-out generation source for reconstruction metrics
     eval_samples: int = 64
     fid_weights: str | None = None  # FID Inception weights (path or s3://): adds rFID to the eval
+    # The bad-data budget (pipelines/budget.py): past it the run stops after a checkpoint.
+    # Per source and epoch: samples skipped (bad ones, and the unread rest of broken shards)
+    # as a fraction of the epoch, and unreadable shards in a row (each after its read retries).
+    max_skip_fraction: float = 0.01
+    max_unreadable_shards: int = 3
 
 
 @dataclass
@@ -148,13 +153,19 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2, 3] = 2
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2  # the newest K stay in storage
+    # async: the workers write a checkpoint locally and train on while it uploads (Ray
+    # Train's ASYNC mode; the resume point moves only once an upload is complete); sync:
+    # every worker waits for the upload.
+    checkpoint_upload: Literal["async", "sync"] = "async"
     eval_every: int = 1000
     log_every: int = 10
     max_failures: int = 3  # worker failures survived by resuming from the last checkpoint
     seed: int = 0
     # Testing recovery: rank 1 kills its own process (SIGKILL) once at the start of each of
-    # these steps; and each worker writes the keys it trained on per step to STORAGE/RUN/samples/.
+    # `fault_steps`, and once halfway through uploading the checkpoint of each of
+    # `fault_uploads`; each worker writes the keys it trained on per step to STORAGE/RUN/samples/.
     fault_steps: list[int] = field(default_factory=list)
+    fault_uploads: list[int] = field(default_factory=list)
     record_samples: bool = False
 
 

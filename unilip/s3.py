@@ -2,9 +2,16 @@
 
 Every S3 connection (boto3 clients, the pyarrow `S3FileSystem` that Ray Data and Ray
 Train use, the environment handed to child processes) is built by `s3_access()` from an
-`S3Config`. Unset fields fall back to the usual AWS environment variables and profiles;
-with no endpoint anywhere it talks to AWS S3. The embedded local stack only sets the
-endpoint (and throwaway credentials) through the environment.
+`S3Config`. Unset fields fall back to the usual AWS environment variables; with no
+endpoint anywhere it talks to AWS S3. The embedded local stack only sets the endpoint (and
+throwaway keys, or a rotating credentials endpoint) through the environment.
+
+Credentials are never resolved here: each boto3 client and each pyarrow filesystem, in
+whatever process it is built, asks the SDK's own default chain (explicit
+`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, web identity (IRSA), the
+container provider (ECS, EKS Pod Identity), the instance profile), which refreshes
+temporary credentials before they expire. Nothing copies a key anywhere: a run that lasts
+days outlives every key it started with.
 
     s3 = s3_access()
     s3.put_bytes("s3://bucket/key", b"...")
@@ -64,9 +71,6 @@ class S3Access:
 
     endpoint_url: str | None
     region: str
-    access_key: str | None
-    secret_key: str | None
-    session_token: str | None
     max_attempts: int
     connect_timeout: float
     read_timeout: float
@@ -81,17 +85,16 @@ class S3Access:
 
     @cached_property
     def client(self):
-        """A boto3 S3 client (standard retry mode with backoff)."""
+        """A boto3 S3 client (standard retry mode with backoff), its credentials from the
+        default chain of a session of its own (boto3's default session would keep whatever
+        it resolved first in this process)."""
         import boto3
         from botocore.config import Config
 
-        return boto3.client(
+        return boto3.Session().client(
             "s3",
             endpoint_url=self.endpoint_url,
             region_name=self.region,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            aws_session_token=self.session_token,
             config=Config(
                 retries={"max_attempts": self.max_attempts, "mode": "standard"},
                 connect_timeout=self.connect_timeout,
@@ -102,15 +105,14 @@ class S3Access:
 
     @cached_property
     def filesystem(self):
-        """A pyarrow S3FileSystem (for Ray Data reads/writes and Ray Train storage)."""
+        """A pyarrow S3FileSystem (for Ray Data reads/writes and Ray Train storage), its
+        credentials from the AWS C++ SDK's default chain."""
         from pyarrow import fs
 
         kwargs = {}
         if self.endpoint_url:
             url = urlparse(self.endpoint_url)
             kwargs.update(endpoint_override=url.netloc or url.path, scheme=url.scheme or "https")
-        if self.access_key:
-            kwargs.update(access_key=self.access_key, secret_key=self.secret_key, session_token=self.session_token)
         return fs.S3FileSystem(
             region=self.region,
             connect_timeout=self.connect_timeout,
@@ -120,14 +122,11 @@ class S3Access:
         )
 
     def env(self) -> dict[str, str]:
-        """Environment for child processes (Ray workers, the MLflow server) to reach the same S3."""
+        """Environment for child processes (Ray workers, the MLflow server) to reach the same
+        S3: where it is, never a credential (each process asks its own chain)."""
         env = {"AWS_REGION": self.region, "AWS_DEFAULT_REGION": self.region}
         if self.endpoint_url:
             env.update(AWS_ENDPOINT_URL_S3=self.endpoint_url, MLFLOW_S3_ENDPOINT_URL=self.endpoint_url)
-        if self.access_key:
-            env.update(AWS_ACCESS_KEY_ID=self.access_key, AWS_SECRET_ACCESS_KEY=self.secret_key or "")
-        if self.session_token:
-            env["AWS_SESSION_TOKEN"] = self.session_token
         return env
 
     def resolve(self, uri: str):
@@ -249,19 +248,16 @@ class S3Access:
 
 
 def s3_access(cfg: S3Config | None = None) -> S3Access:
-    """Resolve `cfg` against the AWS environment/profile chain. The only S3 factory."""
+    """`cfg` with the AWS environment filling its unset fields. The only S3 factory."""
     import boto3
 
     cfg = cfg or S3Config()
-    session = boto3.Session(profile_name=cfg.profile) if cfg.profile else boto3.Session()
-    creds = session.get_credentials()
-    frozen = creds.get_frozen_credentials() if creds else None
     return S3Access(
         endpoint_url=cfg.endpoint_url or _env_first("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
-        region=cfg.region or _env_first("AWS_REGION", "AWS_DEFAULT_REGION") or session.region_name or "us-east-1",
-        access_key=frozen.access_key if frozen else None,
-        secret_key=frozen.secret_key if frozen else None,
-        session_token=frozen.token if frozen else None,
+        region=cfg.region
+        or _env_first("AWS_REGION", "AWS_DEFAULT_REGION")
+        or boto3.Session().region_name  # the profile's region
+        or "us-east-1",
         max_attempts=cfg.max_attempts,
         connect_timeout=cfg.connect_timeout,
         read_timeout=cfg.read_timeout,

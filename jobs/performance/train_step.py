@@ -110,6 +110,13 @@ def ray_step_times(
     name: str, preset: str, overrides: list[str], init_from: str | None, run_name: str, log=print
 ) -> list[float]:
     """Seconds per optimizer step of `unilip train` with one worker, from its MLflow metrics."""
+    return [v for _, v in ray_run_metrics(name, preset, overrides, init_from, run_name, ["train/step_s"], log)[0]]
+
+
+def ray_run_metrics(
+    name: str, preset: str, overrides: list[str], init_from: str | None, run_name: str, keys: list[str], log=print
+) -> list[list[tuple[int, float]]]:
+    """`unilip train` with one worker; then each of `keys` from its MLflow run, as (step, value) in step order."""
     import os
 
     import mlflow
@@ -121,8 +128,11 @@ def ray_step_times(
     run_stage(name, Launch(preset, 1, overrides=overrides, cpus_per_worker=1.0), init_from, run_name, log=log)
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
     run = find_run(EXPERIMENT, run_name)
-    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/step_s")
-    return [m.value for m in sorted(history, key=lambda m: m.step)]
+    client = mlflow.MlflowClient()
+    return [
+        [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, k), key=lambda m: m.step)]
+        for k in keys
+    ]
 
 
 def run_step_bench(

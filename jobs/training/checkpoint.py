@@ -77,23 +77,43 @@ def resumed() -> tuple[TrainState, object] | None:
     return (read_state(checkpoint), checkpoint) if checkpoint else None
 
 
-def save(state: TrainState, engine, ema, critic, rng: random.Random, generator: torch.Generator, rank: int) -> None:
-    """Write a checkpoint of every worker's part and report it to Ray Train (which uploads
-    it and keeps the newest K). `critic`: (discriminator, its optimizer) or None."""
+def save(
+    state: TrainState,
+    engine,
+    ema,
+    critic,
+    rng: random.Random,
+    generator: torch.Generator,
+    rank: int,
+    upload: str = "async",
+    upload_fn=None,
+) -> None:
+    """Write a checkpoint of every worker's part to local disk and report it to Ray Train,
+    which uploads it (`upload`: "async", in a thread of its own while training goes on,
+    the local copy deleted afterwards; "sync": before this returns) and keeps the newest
+    K. A checkpoint becomes the resume point only once every worker's upload is complete.
+    `critic`: (discriminator, its optimizer) or None. `upload_fn`: Ray's
+    `checkpoint_upload_fn` (recovery testing)."""
     import ray.train
+    from ray.train import CheckpointUploadMode
     from safetensors.torch import save_file
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        engine.save_checkpoint(str(out), tag=DS_TAG, exclude_frozen_parameters=True)
-        (out / f"rng-{rank}.json").write_text(json.dumps(rng_state(rng, generator)))
-        if rank == 0:
-            (out / TRAIN_STATE).write_text(json.dumps(asdict(state)))
-            save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(out / EMA))
-            if critic is not None:
-                save_critic(out / CRITIC, *critic)
-        checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"step": state.step}, checkpoint=checkpoint, checkpoint_dir_name=dir_name(state.step))
+    out = Path(tempfile.mkdtemp(prefix=f"unilip-{dir_name(state.step)}-"))
+    engine.save_checkpoint(str(out), tag=DS_TAG, exclude_frozen_parameters=True)
+    (out / f"rng-{rank}.json").write_text(json.dumps(rng_state(rng, generator)))
+    if rank == 0:
+        (out / TRAIN_STATE).write_text(json.dumps(asdict(state)))
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(out / EMA))
+        if critic is not None:
+            save_critic(out / CRITIC, *critic)
+    ray.train.report(
+        {"step": state.step},
+        checkpoint=ray.train.Checkpoint.from_directory(str(out)),
+        checkpoint_dir_name=dir_name(state.step),
+        checkpoint_upload_mode=CheckpointUploadMode.ASYNC if upload == "async" else CheckpointUploadMode.SYNC,
+        delete_local_checkpoint_after_upload=True,
+        checkpoint_upload_fn=upload_fn,
+    )
 
 
 def restore(checkpoint, engine, ema, critic, rng: random.Random, generator: torch.Generator, rank: int) -> None:

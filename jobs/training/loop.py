@@ -48,6 +48,7 @@ from jobs.training.optim import (
     zero_stage,
 )
 from jobs.training.run import Run
+from pipelines.budget import DataStopped
 from pipelines.ingest import REST, worker_mixer
 from pipelines.mix import StepData, collate
 from pipelines.position import Position
@@ -227,10 +228,10 @@ class IntervalMeans:
         return {n: s / c for n, s, c in zip(self.names, sums, counts) if c}
 
 
-def train_loop(config: dict) -> None:
+def train_loop(config: dict) -> str | None:
     """Ray Train's entry on every worker: the run in `config["run"]`, from its start or its
-    newest checkpoint to its end."""
-    Worker(config["run"]).fit()
+    newest checkpoint to its end. Returns why it stopped early (rank 0's reaches the driver)."""
+    return Worker(config["run"]).fit()
 
 
 class Worker:
@@ -323,21 +324,28 @@ class Worker:
             (self.loss.discriminator, self.stage.critic_optimizer) if self.stage.critic_optimizer is not None else None
         )
 
-    def fit(self) -> None:
+    def fit(self) -> str | None:
+        """Train to the end and export; or stop on the data, returning why."""
         tc, first_step = self.tc, self.step
         self.engine.train()
         # per step: the loss terms; its time (data, forward, backward, optimizer, EMA), the part
         # of it spent waiting for the data, and the host's own work on the batch
         self.means = IntervalMeans((*STEP_TERMS[self.run.recipe.kind], "step_s", "data_wait_s", "host_s"), self.device)
         self.started, self.first_step = time.perf_counter(), first_step
-        while self.step < tc.steps:
-            self.train_step()
-            if self.step % tc.log_every == 0 or self.step == tc.steps:
-                self.log_interval()
-            if self.eval_images is not None and (self.step % tc.eval_every == 0 or self.step == tc.steps):
-                self.evaluate()
-            if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
-                self.save_checkpoint()
+        self.checkpointed = first_step
+        try:
+            while self.step < tc.steps:
+                self.on_notice()
+                self.train_step()
+                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                    self.log_interval()
+                if self.eval_images is not None and (self.step % tc.eval_every == 0 or self.step == tc.steps):
+                    self.evaluate()
+                if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
+                    self.save_checkpoint()
+        except DataStopped as stop:
+            self.stop(str(stop))
+            return str(stop)
         registered = [self.tracker.registered() if self.tracker else None]
         dist.broadcast_object_list(registered, src=0)
         if first_step < tc.steps or registered[0] is None:  # not a restart of a finished, exported run
@@ -347,11 +355,13 @@ class Worker:
         dist.barrier()
         if self.tracker:
             self.tracker.end()
+        return None
 
     def train_step(self) -> None:
         maybe_fault(self.run, self.step, self.rank, self.world, self.s3)
         started = time.perf_counter()
         data = StepData(self.micro_batches, self.accumulation, self.device, collate)
+        self.check_data(data.fetch())
         terms = optimizer_step(
             self.engine, self.stage, data, self.step, self.run.recipe, self.world, self.rng, self.generator, self.device
         )
@@ -369,6 +379,58 @@ class Worker:
             uri = f"{self.run.path}/samples/step-{self.step + 1:08d}-rank-{self.rank}.json"
             self.s3.write_bytes(uri, json.dumps(keys).encode())
         self.step += 1
+
+    def check_data(self, error: Exception | None) -> None:
+        """Before the step's first collective, every worker learns whether any worker's
+        data failed (access denied, an epoch without samples) or the run's ledger says stop
+        (the bad-data budget): then all of them stop here together. Any other error is a
+        bug: it is raised."""
+        import ray
+
+        failure = data_failure(error)
+        if error is not None and failure is None:
+            raise error
+        verdict = ray.get(self.run.counter.verdict.remote()) if self.rank == 0 else None
+        flag = torch.tensor([float(failure is not None or verdict is not None)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            return
+        deadline = time.monotonic() + 10.0  # the ledger may still be hearing of what failed
+        while self.rank == 0 and verdict is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            verdict = ray.get(self.run.counter.verdict.remote())
+        reasons = [None] * self.world
+        dist.all_gather_object(reasons, verdict or (str(failure) if failure else None))
+        raise DataStopped(next(r for r in reasons if r))
+
+    def on_notice(self) -> None:
+        """At a step boundary: when a node of this run is about to go (Ray's drain of it, as
+        a spot reclaim notice or a pod's termination asks for: cluster/preemption.py), the
+        steps trained so far are checkpointed (the upload waited for), then the run stops on
+        every worker; Ray Train starts it again on the nodes left and those that replace the
+        one going, from this checkpoint. A notice costs at most the step in flight."""
+        if os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1") == "0":
+            return  # nothing watches for drains (the single-node local stack): no notice can come
+        import ray.train
+
+        notice = ray.train.get_preemption_info()  # the same on every worker
+        if notice is None:
+            return
+        self.log(
+            f"[{self.run.recipe.name}] node(s) {', '.join(notice.preempted_node_ids)} going (ranks "
+            f"{notice.preempted_ranks}): checkpointing step {self.step} before they do"
+        )
+        if self.step > self.checkpointed:
+            self.save_checkpoint(upload="sync")
+        raise NodePreempted(f"stopped at step {self.step} for node(s) {', '.join(notice.preempted_node_ids)} going")
+
+    def stop(self, reason: str) -> None:
+        """Stop on the data, with a checkpoint of every step trained: a re-run resumes there."""
+        self.log(f"[{self.run.recipe.name}] stopping at step {self.step}: {reason}")
+        if self.step > self.checkpointed:
+            self.save_checkpoint()
+        if self.tracker:
+            self.tracker.end(stopped=reason)
 
     def log_interval(self) -> None:
         import ray
@@ -409,7 +471,7 @@ class Worker:
                 values = "  ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items())
                 self.log(f"[{self.run.recipe.name}] eval step {self.step}: {values}")
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, upload: str | None = None) -> None:
         self.position.merge_workers(self.device)  # every worker's consumed samples, on every worker
         state = checkpoint.TrainState(
             self.step,
@@ -419,7 +481,21 @@ class Worker:
             self.run.fingerprint,
             self.run.recipe.name,
         )
-        checkpoint.save(state, self.engine, self.ema, self.critic(), self.rng, self.generator, self.rank)
+        started = time.perf_counter()
+        checkpoint.save(
+            state,
+            self.engine,
+            self.ema,
+            self.critic(),
+            self.rng,
+            self.generator,
+            self.rank,
+            upload or self.tc.checkpoint_upload,
+            faulty_upload(self.run, self.step, self.rank, self.world, self.s3),
+        )
+        self.checkpointed = self.step
+        if self.tracker:  # what the checkpoint cost the step loop: the stall a benchmark compares
+            self.tracker.metrics({"train/checkpoint_s": time.perf_counter() - started}, self.step)
         self.log(f"[{self.run.recipe.name}] checkpoint {checkpoint.dir_name(self.step)}")
 
     def export(self) -> None:
@@ -453,6 +529,26 @@ def record_consumed(position, raw: dict) -> None:
             position.consume(source, int(epoch), raw["url"][sel], raw["index"][sel])
 
 
+class NodePreempted(RuntimeError):
+    """Raised on every worker after the checkpoint a preemption notice asked for: Ray Train
+    restarts the run (a worker-group failure, within `train.max_failures`) from it."""
+
+
+def data_failure(error: BaseException | None):
+    """The failure of the data plane under `error` (as raised in a read task or the mixer
+    and passed on by Ray and the reading threads): access denied or an empty epoch; or None."""
+    from pipelines.mix import EmptyEpoch
+    from pipelines.shard_source import StorageAccessError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, StorageAccessError | EmptyEpoch):
+            return error
+        seen.add(id(error))
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
+
+
 def critic_step(critic: nn.Module, optimizer, grad_clip: float, world: int) -> None:
     """Average the discriminator's gradients over workers, clip, step."""
     grads = [p.grad for p in critic.parameters() if p.grad is not None]
@@ -472,11 +568,37 @@ def critic_step(critic: nn.Module, optimizer, grad_clip: float, world: int) -> N
 def maybe_fault(run: Run, step: int, rank: int, world: int, s3) -> None:
     """Recovery testing: one worker kills its own process, once per run, as each of
     `train.fault_steps` begins."""
-    if step not in run.recipe.train.fault_steps or rank != min(1, world - 1):
-        return
-    marker = f"{run.path}/fault-{step}.done"
-    if s3.exists(marker):
-        return
-    s3.write_bytes(marker, b"killed")
-    print(f"[fault] rank {rank}: SIGKILL at step {step}", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
+    if step in run.recipe.train.fault_steps and once(run, f"fault-{step}", rank, world, s3):
+        print(f"[fault] rank {rank}: SIGKILL at step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def faulty_upload(run: Run, step: int, rank: int, world: int, s3):
+    """Recovery testing: for the checkpoints of `train.fault_uploads`, a Ray
+    `checkpoint_upload_fn` that uploads half of the worker's files, then kills the worker
+    (once per run); None otherwise."""
+    if step not in run.recipe.train.fault_uploads or not once(run, f"fault-upload-{step}", rank, world, s3):
+        return None
+
+    def upload(checkpoint, name: str):
+        import ray.train
+        from pyarrow import fs as pafs
+
+        storage = ray.train.get_context().get_storage()
+        files = sorted(p for p in Path(checkpoint.path).rglob("*") if p.is_file())
+        for f in files[: max(1, len(files) // 2)]:
+            dest = f"{storage.experiment_fs_path}/{name}/{f.relative_to(checkpoint.path)}"
+            pafs.copy_files(str(f), dest, destination_filesystem=storage.storage_filesystem)
+        print(f"[fault] rank {rank}: SIGKILL halfway through uploading {name}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return upload
+
+
+def once(run: Run, fault: str, rank: int, world: int, s3) -> bool:
+    """Whether this worker injects `fault` now: rank 1 (or the only one), the first time."""
+    marker = f"{run.path}/{fault}.done"
+    if rank != min(1, world - 1) or s3.exists(marker):
+        return False
+    s3.write_bytes(marker, b"injected")
+    return True

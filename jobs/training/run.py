@@ -33,7 +33,7 @@ class Run:
     experiment: str
     sources: dict[str, SourceSpec]  # each data source's task, weight, size and shards (the manifests)
     fingerprint: dict  # what a checkpoint's data position depends on (`pipelines.ingest.fingerprint`)
-    counter: object  # the SkipCounter actor: bad samples by source and reason
+    counter: object  # the run's DataLedger actor: bad data by source, reason and epoch, and the budget
 
     @property
     def path(self) -> str:

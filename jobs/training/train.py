@@ -85,7 +85,7 @@ def run_stage(
     from jobs.training.loop import train_loop
     from jobs.training.optim import gradient_accumulation
     from jobs.training.run import Run
-    from pipelines.decode import skip_counter
+    from pipelines.budget import Budget, DataStopped, skip_counter
     from pipelines.ingest import check_resume, dataset_factories, fingerprint, source_specs
 
     preset, workers, gpu = launch.preset, launch.workers, launch.gpu
@@ -137,6 +137,7 @@ def run_stage(
         data,
         skip_counter(f"unilip-skips-{run_name}"),
     )
+    run.counter.configure.remote(Budget.of(recipe.data), {n: spec.samples for n, spec in specs.items()})
     fs, storage_path = s3.resolve(storage)
     log(
         f"[{name}] preset {preset}, {workers} workers x {cpus_per_worker:g} CPU{' + GPU' if gpu else ''}, "
@@ -162,7 +163,9 @@ def run_stage(
         datasets=dataset_factories(recipe.data, s3, run.counter, position),
     )
     with ProgressWatcher(name, run_name, recipe.train.steps, log=log) if quiet else contextlib.nullcontext():
-        trainer.fit()
+        result = trainer.fit()
+    if result.return_value:  # stopped on its data, after a checkpoint
+        raise DataStopped(f"[{name}] run {run_name} stopped: {result.return_value}")
     registered = registered_model(tracking_uri, run_name)
     if not registered:
         raise RuntimeError(f"run {run_name} finished without registering a model")
