@@ -44,9 +44,9 @@ def iam_client(s3_url: str, keys: tuple[str, str]):
     )
 
 
-def bootstrap(s3_url: str) -> tuple[str, str]:
+def bootstrap(s3_url: str) -> tuple[tuple[str, str], dict]:
     """Create the admin and runner users on a server that does not yet enforce authentication,
-    then switch enforcement on. Returns the admin's keys."""
+    then switch enforcement on. Returns the admin's keys and the runner's first key."""
     from botocore.exceptions import EndpointConnectionError
 
     iam = iam_client(s3_url, ("bootstrap", "bootstrap"))  # any key: authentication is still off
@@ -63,12 +63,13 @@ def bootstrap(s3_url: str) -> tuple[str, str]:
     key = iam.create_access_key(UserName=ADMIN)["AccessKey"]
     iam.create_user(UserName=RUNNER)
     iam.put_user_policy(UserName=RUNNER, PolicyName=RUNNER, PolicyDocument=json.dumps(ALLOW_S3))
+    runner = iam.create_access_key(UserName=RUNNER)["AccessKey"]
     # moto's switch: authenticate every request from now on
     switch = urllib.request.Request(
         f"{s3_url}/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"}
     )
     urllib.request.urlopen(switch).read()
-    return key["AccessKeyId"], key["SecretAccessKey"]
+    return (key["AccessKeyId"], key["SecretAccessKey"]), runner
 
 
 class Rotation:
@@ -83,17 +84,17 @@ class Rotation:
         self.setup()
 
     def setup(self) -> None:
-        admin = bootstrap(self.s3_url)
+        """The users, and a runner's key that works from the moment authentication is on."""
+        admin, key = bootstrap(self.s3_url)
         self.admin_file.write_text(json.dumps({"AccessKeyId": admin[0], "SecretAccessKey": admin[1]}))
         os.chmod(self.admin_file, 0o600)
         self.iam = iam_client(self.s3_url, admin)
-        with self.lock:
-            self.keys = []
-        self.issue()
+        self.issue(key, replace=True)
 
-    def issue(self) -> None:
-        key = self.iam.create_access_key(UserName=RUNNER)["AccessKey"]
+    def issue(self, key: dict | None = None, replace: bool = False) -> None:
+        key = key or self.iam.create_access_key(UserName=RUNNER)["AccessKey"]
         with self.lock:
+            self.keys = [] if replace else self.keys
             self.keys.append((key, datetime.now(UTC) + timedelta(seconds=2 * self.period)))
             self.rotations += 1
 
@@ -123,14 +124,24 @@ class Rotation:
         }
 
     def run(self, stop: threading.Event) -> None:
-        delay = self.period
-        while not stop.wait(delay):
+        """A new key every period; every second, a check that the server still knows its
+        users (a restarted in-memory server is set up again at once)."""
+        from botocore.exceptions import ClientError
+
+        due = time.monotonic() + self.period
+        while not stop.wait(1.0):
             try:
-                self.rotate()
-                delay = self.period
+                try:
+                    self.iam.get_user(UserName=RUNNER)
+                except ClientError as e:
+                    print(f"[credentials] {e}; setting the S3 server up again", flush=True)
+                    self.setup()
+                    due = time.monotonic() + self.period
+                if time.monotonic() >= due:
+                    self.rotate()
+                    due = time.monotonic() + self.period
             except Exception as e:  # noqa: BLE001 - the S3 server is down (an outage): again soon
                 print(f"[credentials] rotation failed ({e}); retrying in 1 s", flush=True)
-                delay = 1.0
 
 
 def serve(s3_url: str, port: int, period: float, admin_file: Path) -> None:

@@ -60,7 +60,9 @@ def access_denied(e: OSError) -> bool:
 
 
 class ResilientReader(io.RawIOBase):
-    """Sequential reads of one object; on a storage error, reopen at the offset and retry."""
+    """Sequential reads of one object; on a storage error, reopen at the offset and retry.
+    `open_file(fresh)`: the object opened; `fresh` after a refused read, for an opener that
+    then resolves the credentials anew."""
 
     def __init__(
         self,
@@ -76,7 +78,7 @@ class ResilientReader(io.RawIOBase):
         self.attempts, self.base_delay, self.max_delay = attempts, base_delay, max_delay
         self.missing_attempts = min(missing_attempts, attempts)
         self.access_attempts = min(access_attempts, attempts)
-        self._file, self._pos = None, 0
+        self._file, self._pos, self._fresh = None, 0, False
         self.retries, self.error = 0, ""
 
     def readable(self) -> bool:
@@ -87,8 +89,9 @@ class ResilientReader(io.RawIOBase):
         for attempt in range(self.attempts):
             try:
                 if self._file is None:
-                    self._file = self._open()
+                    self._file = self._open(self._fresh)
                     self._file.seek(self._pos)
+                    self._fresh = False
                 data = self._file.read(len(buffer))
                 buffer[: len(data)] = data
                 self._pos += len(data)
@@ -98,7 +101,7 @@ class ResilientReader(io.RawIOBase):
                 # few tries (a store coming back from an outage, replication lag), not all;
                 # so is a refused read (credentials the SDK refreshes meanwhile).
                 self._file, self.error = None, str(e)
-                denied = access_denied(e)
+                denied = self._fresh = access_denied(e)
                 limit = (
                     self.access_attempts
                     if denied
@@ -165,15 +168,33 @@ def error_row(url: str, reason: str, task: str) -> dict:
     return row
 
 
-def read_shard(fs, path: str, url: str, task: str, attempts: int = 8, stats: dict | None = None, done=()):
+def read_shard(
+    fs,
+    path: str,
+    url: str,
+    task: str,
+    attempts: int = 8,
+    stats: dict | None = None,
+    done=(),
+    refresh=None,
+):
     """Rows of one shard (see the module doc); never raises for storage or tar errors, only
     `StorageAccessError` for a refused read.
 
     `index` is the sample's position in the shard; samples whose index is in `done`
     (consumed before a resume) are passed over. `stats["storage_retries"]` counts the
     reads that were retried after a storage error; a shard that breaks off leaves its
-    error and the samples it had read before in `stats["ended"]`."""
-    reader = ResilientReader(lambda: fs.open_input_file(path), url, attempts=attempts)
+    error and the samples it had read before in `stats["ended"]`. `refresh()`: a new
+    filesystem, asked for after a refused read (its SDK fetches the keys anew: the ones
+    cached may have been revoked before their announced expiry)."""
+    current = [fs]
+
+    def open_file(fresh: bool):
+        if fresh and refresh is not None:
+            current[0] = refresh()
+        return current[0].open_input_file(path)
+
+    reader = ResilientReader(open_file, url, attempts=attempts)
     try:
         stream = io.BufferedReader(reader, buffer_size=READ_BLOCK_BYTES)
         for index, (key, members) in enumerate(iter_samples(stream, url)):
@@ -305,10 +326,11 @@ class ShardDatasource(Datasource):
 
             def advance(j: int, i: int) -> dict | None:
                 """Shard j front to back until its sample i; None if the shard ends first."""
-                if streams[j] is None:
-                    fs, path = s3.resolve(group[j][0])
-                    streams[j] = read_shard(fs, path, group[j][0], task, attempts, stats, done.get(group[j][0], ()))
                 url, n = group[j]
+                if streams[j] is None:
+                    fs, path = s3.resolve(url)
+                    fresh = lambda: s3.refreshed().resolve(url)[0]  # noqa: E731
+                    streams[j] = read_shard(fs, path, url, task, attempts, stats, done.get(url, ()), fresh)
                 for r in streams[j]:
                     if r["index"] < 0:  # the shard broke off: report it once; its rest is gone
                         emit(r)

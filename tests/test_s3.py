@@ -80,6 +80,7 @@ def test_no_credential_is_frozen_copied_or_shipped(stack, s3):
     assert tracked.stdout.split() == ["tests/test_s3.py"]  # this test's own calls only
 
 
+@pytest.mark.stack  # a stack of its own: S3 and the credentials endpoint
 def test_rotated_keys_kill_frozen_copies_while_the_chain_refreshes(tmp_path):
     """What the old code did (keys frozen from the chain, passed explicitly) fails once the
     key it froze is revoked; the project's clients, boto3 and pyarrow alike, carry on."""

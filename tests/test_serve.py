@@ -22,15 +22,22 @@ KEY = "test-key-123"
 
 
 @pytest.fixture(scope="module")
-def server(stack, tmp_path_factory):
-    # the model served: a release checkpoint converted by `unilip convert official` (tests/test_official.py)
+def server(stack, s3, tmp_path_factory):
+    # the model served: a release checkpoint converted by `unilip convert official`
+    # (tests/test_official.py), in the bucket; the replica downloads it after a key rotation
     root = tmp_path_factory.mktemp("serve")
     release = write_release(perturbed_tiny(), root / "UniLIP-tiny")
     converted = run_cli("convert", "official", "--src", str(release), "--out", str(root / "unilip-tiny"))
     assert converted.returncode == 0, converted.stderr[-3000:]
-    model_dir = root / "unilip-tiny"
+    model = f"s3://{stack.bucket}/serve/unilip-tiny"
+    for f in sorted((root / "unilip-tiny").rglob("*")):
+        if f.is_file():
+            s3.put_bytes(f"{model}/{f.relative_to(root / 'unilip-tiny')}", f.read_bytes())
+    start = stack.credential_rotations()
+    while stack.credential_rotations() == start:  # the keys of the upload are not the replica's
+        time.sleep(1)
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    proc = ServeProcess(str(model_dir), "--api-key-env", "UNILIP_TEST_KEY", env={"UNILIP_TEST_KEY": KEY}, log=log)
+    proc = ServeProcess(model, "--api-key-env", "UNILIP_TEST_KEY", env={"UNILIP_TEST_KEY": KEY}, log=log)
     with proc:
         yield proc.url
     assert proc.returncode == 0, log.read_text()[-4000:]  # Ctrl-C: the command shuts Serve down and exits

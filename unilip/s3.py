@@ -11,7 +11,10 @@ whatever process it is built, asks the SDK's own default chain (explicit
 `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, web identity (IRSA), the
 container provider (ECS, EKS Pod Identity), the instance profile), which refreshes
 temporary credentials before they expire. Nothing copies a key anywhere: a run that lasts
-days outlives every key it started with.
+days outlives every key it started with. So an `S3Access` holds no key either: it uses
+whatever the environment of the process using it provides (pyarrow reads
+`AWS_ACCESS_KEY_ID` when a request is signed), and unpickled on a Ray worker it uses the
+worker's.
 
     s3 = s3_access()
     s3.put_bytes("s3://bucket/key", b"...")
@@ -120,6 +123,11 @@ class S3Access:
             retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
             **kwargs,
         )
+
+    def refreshed(self) -> S3Access:
+        """The same settings, its clients not built yet: their SDKs resolve the credentials
+        anew (after a refused request, when keys cached by a client were revoked early)."""
+        return dataclasses.replace(self)
 
     def env(self) -> dict[str, str]:
         """Environment for child processes (Ray workers, the MLflow server) to reach the same
