@@ -81,6 +81,7 @@ class Rotation:
         self.keys: list[tuple[dict, datetime]] = []  # (key, expiry), oldest first
         self.lock = threading.Lock()
         self.rotations = 0
+        self.setups = 0  # times the server was set up (once, then once per restart)
         self.setup()
 
     def setup(self) -> None:
@@ -90,6 +91,7 @@ class Rotation:
         os.chmod(self.admin_file, 0o600)
         self.iam = iam_client(self.s3_url, admin)
         self.issue(key, replace=True)
+        self.setups += 1
 
     def issue(self, key: dict | None = None, replace: bool = False) -> None:
         key = key or self.iam.create_access_key(UserName=RUNNER)["AccessKey"]
@@ -152,8 +154,8 @@ def serve(s3_url: str, port: int, period: float, admin_file: Path) -> None:
             path = self.path.split("?")[0]
             if path == PATH:
                 body = rotation.current()
-            elif path == STATUS_PATH:  # for tests: how many keys have been issued so far
-                body = {"rotations": rotation.rotations, "period_s": rotation.period}
+            elif path == STATUS_PATH:  # for the stack and tests: keys issued, servers set up
+                body = {"rotations": rotation.rotations, "setups": rotation.setups, "period_s": rotation.period}
             else:
                 self.send_error(404)
                 return

@@ -297,6 +297,8 @@ class LocalStack:
         self.home.mkdir(parents=True, exist_ok=True)
         state = self._load()
         state["bucket"] = self.bucket
+        # A restarted S3 server forgets users and keys; the running credentials endpoint sets it up again.
+        setups = self._credentials_status()["setups"] if "s3" in services and self._serving_credentials(state) else None
         # Spawn everything first, then wait: the services start in parallel.
         starting = []
         for name in SERVICES:
@@ -314,9 +316,24 @@ class LocalStack:
         for svc, ready, timeout in starting:
             self._wait_ready(svc, ready, timeout)
             self.log(f"[local] {svc.name} up (pid {svc.pid}, {svc.address}) after {time.monotonic() - t0:.1f}s")
+        if setups is not None and any(svc.name == "s3" for svc, _, _ in starting):
+            self._wait_set_up_again(setups)
         if "s3" in services:
             self.s3().ensure_bucket(self.bucket)
         return state["services"]
+
+    def _serving_credentials(self, state: dict) -> bool:
+        svc = state["services"].get("credentials")
+        return svc is not None and pid_alive(svc.pid)
+
+    def _wait_set_up_again(self, setups: int, timeout: float = 30.0) -> None:
+        """Until the credentials endpoint has set the restarted S3 server up and serves a key
+        it accepts (it checks every second)."""
+        deadline = time.monotonic() + timeout
+        while self._credentials_status()["setups"] <= setups:
+            if time.monotonic() > deadline:
+                raise StackError(f"the credentials endpoint did not set the restarted S3 server up in {timeout:.0f}s")
+            time.sleep(0.2)
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
         log = self.home / "logs" / f"{name}.log"
@@ -381,10 +398,13 @@ class LocalStack:
 
     def credential_rotations(self) -> int:
         """Keys the rotating credentials endpoint has issued so far."""
+        return self._credentials_status()["rotations"]
+
+    def _credentials_status(self) -> dict:
         from cluster.credentials import STATUS_PATH
 
         with urllib.request.urlopen(f"{self.services()['credentials'].address}{STATUS_PATH}", timeout=10) as r:
-            return json.loads(r.read())["rotations"]
+            return json.loads(r.read())
 
     def _start_mlflow(self, old: Service | None, state: dict):
         port = old.port if old and _port_free(old.port) else free_port()

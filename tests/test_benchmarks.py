@@ -381,7 +381,7 @@ open(a.outfile, "w").write("".join(json.dumps(r) + "\\n" for r in rows))
     assert mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id).data.metrics[
         "geneval/overall"
     ] == pytest.approx(0.5)
-    missing = run_cli(
+    missing = run_inline(
         "eval", "wise", "--model", model_dir, "--bench", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")
     )
     assert missing.returncode == 2

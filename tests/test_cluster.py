@@ -18,7 +18,7 @@ from cluster.submit import FORWARDED_ENV
 from jobs.tracking import find_run
 from jobs.training.recipes import chain, recipe_names
 from jobs.training.train import EXPERIMENT
-from tests.conftest import ROOT, run_cli, sets
+from tests.conftest import ROOT, run_cli, run_inline, sets
 
 KUBERAY = ROOT / "cluster" / "kuberay"
 IMAGE = re.compile(r"^[\w.\-/]+:[\w.\-]+$")  # registry/name:tag
@@ -177,13 +177,14 @@ def test_submit_runs_a_recipe_on_a_ray_head_and_jobs_commands_follow_it(stack, s
     run = find_run(EXPERIMENT, "submitted")
     assert run.info.status == "FINISHED"
 
-    listed = run_cli("jobs", "list", "--address", ray_head)
+    # the jobs commands only ask the head over HTTP: in this process
+    listed = run_inline("jobs", "list", "--address", ray_head)
     assert listed.returncode == 0 and job_id in listed.stdout and "recon-stage1" in listed.stdout
-    status = run_cli("jobs", "status", job_id, "--address", ray_head)
+    status = run_inline("jobs", "status", job_id, "--address", ray_head)
     assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
-    logs = run_cli("jobs", "logs", job_id, "--address", ray_head)
+    logs = run_inline("jobs", "logs", job_id, "--address", ray_head)
     assert logs.returncode == 0 and "submitted" in logs.stdout
-    stop = run_cli("jobs", "stop", job_id, "--address", ray_head)
+    stop = run_inline("jobs", "stop", job_id, "--address", ray_head)
     assert stop.returncode == 0 and "already finished" in stop.stdout
-    missing = run_cli("jobs", "status", "no-such-job", "--address", ray_head)
+    missing = run_inline("jobs", "status", "no-such-job", "--address", ray_head)
     assert missing.returncode == 2 and "no-such-job" in missing.stderr

@@ -7,6 +7,7 @@ import tarfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -432,19 +433,6 @@ def test_blocks_reach_the_mixer_without_a_copy(stack, s3, ray_session):
     assert not in_shared_memory(delivered(local_shuffle=8)[0])  # re-batched by Ray: copied on the way
 
 
-def runner_known(stack) -> bool:
-    """Whether the S3 server knows the user whose keys the stack's processes get."""
-    from botocore.exceptions import ClientError
-
-    from cluster.credentials import RUNNER
-
-    try:
-        stack.iam().get_user(UserName=RUNNER)
-        return True
-    except (ClientError, OSError):
-        return False
-
-
 def test_storage_outage_mid_stream_loses_nothing(stack, s3, ray_session):
     uri = f"s3://{stack.bucket}/outage"
     build_sample_dataset(uri, s3, 48, 0, shard_size=4, size=512, log=lambda m: None)
@@ -467,25 +455,23 @@ def test_storage_outage_mid_stream_loses_nothing(stack, s3, ray_session):
         time.sleep(3)
         stack.up(("s3",))  # ... and back on the same port; it is in-memory, so restore the objects
         assert stack.services()["s3"].port == port
+        # The restarted server forgot its users and keys; the stack waits for the credentials
+        # endpoint to set it up again with a new key, which a new client resolves.
+        restore = stack.s3()
         for key, data in saved.items():
-            s3.put_bytes(key, data)
+            restore.put_bytes(key, data)
         events.append("up")
 
     fault, arrivals = None, []
-    for batch in ds.iter_batches(batch_size=4, batch_format="numpy", prefetch_batches=0):
-        keys += list(batch["key"])
-        arrivals.append((time.monotonic(), list(events)))
-        if fault is None:
-            fault = threading.Thread(target=outage)
-            fault.start()
-            time.sleep(0.5)
-    fault.join()
-    # The restarted server forgot its users and keys: the credentials endpoint sets it up
-    # again with a new key. Clients of this process that cached a key resolve theirs anew.
-    deadline = time.monotonic() + 30
-    while not runner_known(stack) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for cached in ("client", "filesystem"):
+    with ThreadPoolExecutor(1) as pool:
+        for batch in ds.iter_batches(batch_size=4, batch_format="numpy", prefetch_batches=0):
+            keys += list(batch["key"])
+            arrivals.append((time.monotonic(), list(events)))
+            if fault is None:
+                fault = pool.submit(outage)
+                time.sleep(0.5)
+        fault.result()  # the outage's own failure, if any, with its traceback
+    for cached in ("client", "filesystem"):  # this process's clients resolve their keys anew
         s3.__dict__.pop(cached, None)
     ray_session.data.DataContext.get_current().execution_options.resource_limits = limits.copy(
         object_store_memory=saved_limit

@@ -9,7 +9,7 @@ from cluster.connect import init_ray
 from cluster.local import SERVICES, LocalStack, pid_alive
 from pipelines.read import raw_dataset
 from pipelines.sample_data import build_sample_dataset
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_inline
 
 
 def test_stack_services_are_up_on_loopback(stack):
@@ -70,19 +70,19 @@ def test_cli_local_up_status_down_leaves_nothing(tmp_path):
     up = run_cli("local", "up", "--home", home, "--bucket", "cli-bucket", "--rotating-credentials")
     assert up.returncode == 0, up.stdout + up.stderr
     try:
-        status = run_cli("local", "status", "--home", home)
+        status = run_inline("local", "status", "--home", home)
         assert status.returncode == 0
         for name in SERVICES:
             assert f"{name:<7} running" in status.stdout
         assert "cli-bucket" in status.stdout
         pids = [svc.pid for svc in LocalStack(home).services().values()]
         assert len(pids) == 4 and all(pid_alive(p) for p in pids)
-        env = run_cli("local", "env", "--home", home)
+        env = run_inline("local", "env", "--home", home)
         assert "export AWS_ENDPOINT_URL_S3=http://127.0.0.1:" in env.stdout
         # keys come from the rotating endpoint, through the container provider of both SDKs
         assert "export AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:" in env.stdout
         assert "export AWS_ACCESS_KEY_ID=''" in env.stdout
-        again = run_cli("local", "up", "--home", home)  # idempotent: nothing restarted
+        again = run_inline("local", "up", "--home", home)  # idempotent: nothing restarted
         assert "already running" in again.stdout
         assert [svc.pid for svc in LocalStack(home).services().values()] == pids
     finally:
@@ -93,4 +93,4 @@ def test_cli_local_up_status_down_leaves_nothing(tmp_path):
         time.sleep(0.2)
     assert not any(pid_alive(p) for p in pids)
     assert LocalStack(home).leftover_processes() == []
-    assert "nothing running" in run_cli("local", "status", "--home", home).stdout
+    assert "nothing running" in run_inline("local", "status", "--home", home).stdout

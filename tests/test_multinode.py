@@ -1,187 +1,57 @@
-"""Losing a machine: a Ray cluster of three nodes on this machine (a head and two worker
-nodes, each its own raylet started with `ray start` in its own session), with the
-embedded S3 and MLflow. A training run with one worker on each worker node loses one
-node (its raylet and every process on it, SIGKILL) mid-epoch; once a replacement node
-joins, the run resumes from its S3 checkpoint. Then another node gets a notice (Ray's
-drain, as a spot reclaim or a pod's preStop hook asks for): the run checkpoints at once,
-resumes on a replacement, and loses no step when the node goes. Every sample of the
-epoch is trained once. A
-Serve application under steady load scales from 1 to 2 model replicas (one per worker
-node), loses the node of one, recovers once a replacement joins, and scales back to 1.
+"""Losing machines: a Ray cluster of three nodes on this machine (a head and two worker
+nodes, each its own raylet started with `ray start` in its own session), with S3 (keys
+rotating every 30 s) and MLflow (jobs/performance/soak.py's cluster).
+
+Training, as `unilip bench soak` runs it but with three faults in a fixed order: a worker
+node killed mid-epoch without notice (its raylet and every process on it, SIGKILL; the run
+resumes from its S3 checkpoint once a replacement joins), the S3 server frozen for a few
+seconds, and a notice (Ray's drain, as a spot reclaim or a pod's preStop hook asks for: the
+run checkpoints at once, resumes on a replacement, and loses no step when the node goes).
+Every sample of every epoch is trained exactly once.
+
+Serving: an application under steady load scales from 1 to 2 model replicas (one per
+worker node), loses the node of one, recovers once a replacement joins, and scales back to 1.
 
 Placement is fixed by the nodes' CPUs: the head has 1 (job driver and data tasks), each
-worker node 2, and a training worker asks for 1.5, so no node holds two and the head none.
+worker node 2, and a training worker or a model replica asks for more than 1, so no node
+holds two and the head none.
 """
 
-import os
-import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from cluster.local import LocalStack, patched_environ
-from pipelines.sample_data import build_sample_dataset
-from pipelines.shards import read_manifest
-from tests.conftest import ROOT, recorded_samples, sets, write_samples
+from jobs.performance.soak import Cluster, run_soak
+from tests.conftest import ROOT
 
-pytestmark = pytest.mark.stack  # a three-node cluster of its own
+pytestmark = [pytest.mark.stack, pytest.mark.timeout(1500)]  # a three-node cluster of its own
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Its own stack (another cluster than the session's): S3, MLflow, a 1-CPU head and two
-    2-CPU worker nodes; everything stopped by PID afterwards."""
-    st = LocalStack(
-        tmp_path_factory.mktemp("multinode"), bucket="unilip-multinode", num_cpus=1, multinode=True, log=lambda m: None
-    )
-    try:
-        st.up()
-        for name in ("node-1", "node-2"):
-            add_node(st, name)
-        st.activate()  # this module's clients reach this cluster (its keys are read where used)
-        yield st
-    finally:
-        st.deactivate()
-        st.down()
-        assert st.leftover_processes() == []
+    """Its own stack (another cluster than the session's); everything stopped by PID afterwards."""
+    c = Cluster(tmp_path_factory.mktemp("multinode"), bucket="unilip-multinode", log=lambda m: None)
+    with c:
+        yield c
+    assert c.stack.leftover_processes() == []
 
 
-def add_node(st, name: str) -> None:
-    """A 2-CPU worker node, with a resource of its name so that its Ray node id can be told."""
-    st.add_node(name, num_cpus=2, resources={name: 1})
-
-
-def state(st, kind: str, **kwargs) -> list:
-    """Ray's state API on this cluster. It prefers RAY_API_SERVER_ADDRESS to its `address`
-    argument, and the session's stack sets that variable: this cluster's environment wins here."""
-    from ray.util import state as api
-
-    with patched_environ(st.env()):
-        # the dead nodes are filtered out on the server: not a truncation
-        return getattr(api, f"list_{kind}")(
-            filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False, **kwargs
-        )
-
-
-def node_names(st) -> dict[str, str]:
-    """Ray node id -> the name the test gave the node (the head: "head")."""
-    nodes = state(st, "nodes", detail=True)
-    return {n.node_id: next((k for k in n.resources_total if k.startswith("node-")), "head") for n in nodes}
-
-
-def train_workers(st) -> dict[str, str]:
-    """Alive Ray Train workers: actor id -> node id."""
-    return {a.actor_id: a.node_id for a in state(st, "actors") if a.class_name == "RayTrainWorker"}
-
-
-def last_trained(s3, runs: str) -> int:
-    """The newest step whose samples a worker recorded as trained."""
-    return max(int(k.rsplit("/", 1)[1][5:13]) for k in s3.list_keys(f"{runs}/samples/"))
-
-
-def worker_lines(log, pattern: str) -> list[tuple[int, int]]:
-    """(worker pid, the number `pattern` captures) of each distinct training-worker line, in order."""
-    found = re.findall(r"RayTrainWorker pid=(\d+)\S*\s+.*?" + pattern, log.read_text())
-    return list(dict.fromkeys((int(pid), int(n)) for pid, n in found))
-
-
-def wait_until(condition, proc, log, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-6000:]
-        time.sleep(0.5)
-
-
-def test_training_survives_losing_worker_nodes_and_a_notice_costs_no_step(cluster, tmp_path):
-    s3 = cluster.s3()
-    root = write_samples(cluster, s3)
-    # 96 samples, 24 steps x global batch 4: one epoch; checkpoints every 4 steps. A node
-    # goes without notice after step 6, another with notice (Ray's drain, as a spot
-    # reclaim or a pod's preStop hook asks for) a few steps after the resume.
-    build_sample_dataset(f"{root}/many", s3, 96, 0, shard_size=2, size=64, log=lambda m: None)
-    runs = f"{root}/runs/node-loss"
-    log = tmp_path / "train.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "cli",
-        "train",
-        "recon-stage1",
-        "--preset",
-        "tiny",
-        "--workers",
-        "2",
-        "--cpus-per-worker",
-        "1.5",
-        "--run-name",
-        "node-loss",
-        *sets(
-            "train.precision=bf16",  # as the recipes ship; and its slower steps leave the faults time to land
-            "train.steps=24",
-            "train.checkpoint_every=4",
-            "train.eval_every=24",
-            "train.record_samples=true",
-            f"data.sources.0.uri={root}/many/generation",
-        ),
-    ]
-    env = {**os.environ, **cluster.env(), "RAY_DEDUP_LOGS": "0"}  # every worker line, for the test to read
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
-    resumes = lambda: worker_lines(log, r"resumed from step (\d+)")  # noqa: E731
-    try:
-        wait_until(lambda: s3.exists(f"{runs}/samples/step-00000006-rank-0.json"), proc, log)
-        names = node_names(cluster)
-        assert sorted(names[n] for n in train_workers(cluster).values()) == ["node-1", "node-2"]  # one on each
-        trained_at_loss = last_trained(s3, runs)
-        cluster.kill_node("node-1")  # no notice
-        add_node(cluster, "node-3")  # the replacement machine
-        wait_until(lambda: resumes(), proc, log)
-        (worker, first), *_ = resumes()
-        trained = lambda: [n for pid, n in worker_lines(log, r"\] step (\d+)/24") if pid == worker]  # noqa: E731
-        wait_until(lambda: any(n >= first + 2 for n in trained()), proc, log)  # trained again
-        assert max(trained()) < 20, "the run got too close to its end before the notice"
-        node_2 = next(n for n, name in node_names(cluster).items() if name == "node-2")
-        drain = [
-            str(Path(sys.executable).parent / "ray"),
-            "drain-node",
-            "--address",
-            cluster.env()["RAY_ADDRESS"],
-            "--node-id",
-            node_2,
-        ]
-        drain += ["--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim in 2 minutes"]
-        subprocess.run([*drain, "--deadline-remaining-seconds", "120"], env=env, check=True, capture_output=True)
-        add_node(cluster, "node-4")  # its replacement, started on the notice
-        notices = lambda: worker_lines(log, r"checkpointing step (\d+) before")  # noqa: E731
-        wait_until(notices, proc, log, timeout=120)
-        (_, trained_at_notice), *_ = notices()  # the steps trained when the notice came
-        wait_until(lambda: len(resumes()) == 2, proc, log)
-        cluster.kill_node("node-2")  # the reclaim itself
-        assert proc.wait(timeout=900) == 0, log.read_text()[-6000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    (_, first), (_, second) = resumes()
-    redone_without_notice, redone_with_notice = trained_at_loss - first, trained_at_notice - second
-    print(f"steps redone: {redone_without_notice} after the loss without notice, {redone_with_notice} with")
-    assert redone_with_notice == 0 < redone_without_notice, (redone_without_notice, redone_with_notice)
-    steps, per_rank = recorded_samples(s3, runs)
-    assert steps == [f"step-{i:08d}" for i in range(1, 25)]  # every step recorded once
-    keys = per_rank[0] + per_rank[1]
-    assert (
-        len(keys) == len(set(keys)) == read_manifest(f"{root}/many/generation", s3).samples
-    )  # none lost, none repeated
+def test_training_survives_a_node_loss_an_s3_outage_and_a_notice(cluster):
+    result = run_soak(seed=0, steps=48, schedule=["node", "outage", "notice"], gaps=(5.0, 10.0), cluster=cluster)
+    assert result["faults_injected"] == {"worker": 0, "node": 1, "notice": 1, "outage": 1}
+    assert result["steps_recorded_once"] and result["samples_lost"] == result["samples_repeated"] == 0
+    (node,) = [f for f in result["faults"] if f["kind"] == "node"]
+    assert node["resumed_from"] % 8 == 0  # from a checkpoint (every 8 steps)
+    assert result["steps_redone"]["notice"] == [0]  # a notice costs at most the step in flight
+    assert result["credential_rotations"] >= 1
+    assert result["registered"].startswith("models:/unilip-tiny-recon-stage1/")
 
 
 def model_replicas(st) -> dict[str, str]:
     """Alive UniLIPModel replicas of the Serve application: actor id -> node id."""
     return {
         a.actor_id: a.node_id
-        for a in state(st, "actors")
+        for a in st.state("actors")
         if a.class_name.startswith("ServeReplica:") and a.class_name.endswith(":UniLIPModel")
     }
 
@@ -272,18 +142,20 @@ def test_serve_survives_losing_a_node_and_scales_with_load(cluster, tmp_path):
     )
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    with ServeProcess(str(model_dir), "--config", str(path), env=cluster.env(), log=tmp_path / "serve.log") as server:
+    with ServeProcess(
+        str(model_dir), "--config", str(path), env=cluster.stack.env(), log=tmp_path / "serve.log"
+    ) as server:
         assert len(model_replicas(cluster)) == 1  # idle: the minimum
         load = Load(server.url, clients=4)
         try:
             replicas = wait_for("2 replicas under load", lambda: replicas_when(cluster, 2), 180)
-            names = node_names(cluster)
+            names = cluster.node_names()
             on = sorted(names[n] for n in replicas.values())
             assert len(set(on)) == 2 and "head" not in on, on  # on different worker nodes
             time.sleep(5)
             killed_at = time.monotonic()
             cluster.kill_node(on[0])
-            add_node(cluster, "node-4")  # the replacement machine
+            cluster.add_node()  # the replacement machine
             wait_for("2 replicas again", lambda: replicas_when(cluster, 2), 180)
             # 8 answers in a row after the loss (before it counts nothing here)
             wait_for("8 answers in a row", lambda: ok_since(load.results, killed_at) >= 8, 180)

@@ -266,7 +266,7 @@ def test_concurrent_load(server):
     def client(i: int) -> list[float]:
         times = []
         with requests.Session() as s:
-            for j in range(25):
+            for j in range(8):
                 t0 = time.perf_counter()
                 r = s.post(
                     f"{server}/v1/images/generations",
@@ -281,9 +281,9 @@ def test_concurrent_load(server):
 
     with ThreadPoolExecutor(8) as pool:
         times = sorted(t for ts in pool.map(client, range(8)) for t in ts)
-    assert len(times) == 200
+    assert len(times) == 64  # latency under load is measured by `unilip bench serve` (BENCHMARKS.md)
     p50, p99 = np.percentile(times, 50), np.percentile(times, 99)
-    print(f"\nload 8 clients x 25 requests: p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms")
+    print(f"\nload 8 clients x 8 requests: p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms")
 
 
 def test_overload_gets_503_with_retry_after_not_a_hang(server):

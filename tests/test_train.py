@@ -20,7 +20,7 @@ from jobs.training.recipes import chain
 from jobs.training.train import EXPERIMENT
 from pipelines.sample_data import build_sample_dataset
 from pipelines.shards import read_manifest
-from tests.conftest import recorded_samples, run_cli, sets
+from tests.conftest import recorded_samples, run_cli, run_inline, sets
 from tests.release_fixture import perturbed_tiny, write_release
 from unilip.model import UniLIP
 
@@ -120,7 +120,7 @@ def test_restarted_run_continues_its_mlflow_run_and_step_count(stack, sample, tr
     assert after.info.run_id == before.info.run_id
     assert loss_steps(after) == list(range(1, 9))
     # other data under a source's name: the saved position would not match it; refused before any worker starts
-    other = run_cli(
+    other = run_inline(  # refused before anything starts: in this process
         "train",
         "gen-stage3",
         "--preset",

@@ -44,7 +44,7 @@ def run_checkpoint_bench(
     init_from: str | None = None,
     log=print,
 ) -> dict:
-    from jobs.performance.train_step import ray_run_metrics
+    from jobs.performance.train_step import ray_run_metrics, timed_run
     from jobs.training.train import expand, prepare
     from unilip.s3 import s3_access
 
@@ -55,14 +55,9 @@ def run_checkpoint_bench(
     step_s: dict[str, list[float]] = {"sync": [], "async": []}
     size = 0
     for i, mode in enumerate(("sync", "async", "async", "sync")):
-        run_overrides = [
-            *(overrides or []),
-            f"train.steps={steps}",
-            f"train.checkpoint_every={every}",
-            "train.log_every=1",
-            "train.eval_every=0",
-            f"train.checkpoint_upload={mode}",
-        ]
+        run_overrides = timed_run(
+            [*(overrides or []), f"train.checkpoint_upload={mode}"], steps, checkpoint_every=every
+        )
         recipe = prepare(name, preset, run_overrides)
         run_name = f"bench-checkpoint-{name}-{preset}-{stamp}-{i}-{mode}"
         log(f"[bench] {name} ({preset}): {steps} steps, a checkpoint every {every}, upload {mode} ({i + 1}/4)")

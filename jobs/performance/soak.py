@@ -25,6 +25,7 @@ checkpoint the run resumed from) and the wall time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -44,11 +45,11 @@ ROOT = Path(__file__).resolve().parents[2]
 class Cluster:
     """The soak's local cluster: its stack, its worker nodes, and what Ray says runs where."""
 
-    def __init__(self, home: Path, log=print):
+    def __init__(self, home: Path, bucket: str = "unilip-soak", log=print):
         from cluster.local import LocalStack
 
         self.stack = LocalStack(
-            home, bucket="unilip-soak", num_cpus=1, multinode=True, credentials="rotating", log=lambda m: None
+            home, bucket=bucket, num_cpus=1, multinode=True, credentials="rotating", log=lambda m: None
         )
         self.log, self.nodes, self.next_node = log, [], 1
 
@@ -56,6 +57,7 @@ class Cluster:
         self.stack.up()
         for _ in range(2):
             self.add_node()
+        self.stack.activate()  # every client here reaches this cluster, its keys from the stack's endpoint
         return self
 
     def __exit__(self, *exc) -> None:
@@ -135,8 +137,10 @@ class Soak:
         return self.highest
 
     def resumes(self) -> list[tuple[int, int]]:
-        """(worker pid, step) of each start of the workers that resumed (a line can repeat in the log)."""
-        found = re.findall(r"RayTrainWorker pid=(\d+)\S*\s+.*?resumed from step (\d+)", self.log_file.read_text())
+        """(worker pid, step) of each start of the workers, from a checkpoint or from scratch
+        (a line can repeat in the log)."""
+        pattern = r"RayTrainWorker pid=(\d+)\S*\s+.*?(?:resumed from|starting at) step (\d+)"
+        found = re.findall(pattern, self.log_file.read_text())
         return list(dict.fromkeys((int(pid), int(n)) for pid, n in found))
 
     def wait(self, condition, timeout: float, what: str) -> None:
@@ -187,22 +191,25 @@ def run_soak(
     steps: int | None = None,
     schedule: list[str] | None = None,
     gaps: tuple[float, float] = (30.0, 90.0),
+    cluster: Cluster | None = None,
     log=print,
 ) -> dict:
     """The soak (see the module doc); returns its figures. `schedule`: these faults in this
     order instead of random kinds for `minutes` (the short variant the test suite runs);
-    `gaps`: the range of seconds between faults."""
+    `gaps`: the range of seconds between faults; `cluster`: one already up (else its own)."""
     from jobs.training.train import registered_model
     from pipelines.sample_data import build_sample_dataset
 
     rng = random.Random(seed)
     per_epoch = EPOCH_SAMPLES // GLOBAL_BATCH
-    # enough epochs to outlast the fault window (about a step a second between restarts)
-    steps = steps or per_epoch * max(2, round(minutes * 60 * 0.6 / per_epoch))
+    # enough epochs to outlast the fault window: on 2 cores the run trains about 1.2 steps a
+    # second between faults and spends a third of the window recovering (measured, 20 min)
+    steps = steps or per_epoch * max(2, round(minutes * 60 * 0.9 / per_epoch))
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="unilip-soak-") as tmp, Cluster(Path(tmp) / "stack", log) as cluster:
+    with contextlib.ExitStack() as scope:
+        tmp = Path(scope.enter_context(tempfile.TemporaryDirectory(prefix="unilip-soak-")))
+        cluster = cluster or scope.enter_context(Cluster(tmp / "stack", log=log))
         stack = cluster.stack
-        stack.activate()  # every client here reaches the soak's cluster, its keys from the stack's endpoint
         s3 = stack.s3()
         root = f"s3://{stack.bucket}"
         build_sample_dataset(f"{root}/soak", s3, EPOCH_SAMPLES, 0, shard_size=2, size=64, log=lambda m: None)
@@ -218,7 +225,7 @@ def run_soak(
         ]
         cmd = [sys.executable, "-m", "cli", "train", "recon-stage1", "--preset", "tiny", "--workers", "2"]
         cmd += ["--cpus-per-worker", "1.5", "--run-name", "soak", *[a for v in sets for a in ("--set", v)]]
-        log_file = Path(tmp) / "train.log"
+        log_file = tmp / "train.log"
         log(
             f"[soak] {steps} steps ({steps // per_epoch} epochs of {EPOCH_SAMPLES}), faults for {minutes:g} min, seed {seed}"
         )
@@ -263,7 +270,6 @@ def run_soak(
             lost += EPOCH_SAMPLES - len(set(keys))
             repeated += len(keys) - len(set(keys))
         registered = registered_model(stack.env()["MLFLOW_TRACKING_URI"], "soak")
-        stack.deactivate()
     result = {
         "seed": seed,
         "steps": steps,

@@ -106,6 +106,17 @@ def bare_step_times(recipe: Recipe, init_from: str | None, s3, steps: int, threa
     return times
 
 
+def timed_run(overrides: list[str] | None, steps: int, checkpoint_every: int) -> list[str]:
+    """The overrides of a timed `unilip train` run: `steps` steps, each logged, no evaluation."""
+    return [
+        *(overrides or []),
+        f"train.steps={steps}",
+        "train.log_every=1",
+        "train.eval_every=0",
+        f"train.checkpoint_every={checkpoint_every}",
+    ]
+
+
 def ray_step_times(
     name: str, preset: str, overrides: list[str], init_from: str | None, run_name: str, log=print
 ) -> list[float]:
@@ -150,13 +161,7 @@ def run_step_bench(
     if steps <= warmup:
         raise ConfigError(f"--steps ({steps}) must exceed --warmup ({warmup})")
     # One worker, every step logged; no eval, one checkpoint at the end (outside the timed span).
-    overrides = [
-        *(overrides or []),
-        f"train.steps={steps}",
-        "train.log_every=1",
-        "train.eval_every=0",
-        f"train.checkpoint_every={steps}",
-    ]
+    overrides = timed_run(overrides, steps, checkpoint_every=steps)
     recipe = prepare(name, preset, overrides)
     s3 = s3_access(recipe.s3)
     threads = 1  # what a Ray worker holding 1 CPU gets (OMP_NUM_THREADS=1)

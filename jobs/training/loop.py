@@ -56,6 +56,16 @@ from unilip.config import LossConfig, Recipe, to_dict
 from unilip.losses import TERMS, ReconstructionLoss
 from unilip.model import UniLIP
 
+# How often the workers ask Ray whether a node of the run is going: a spot reclaim gives two
+# minutes, a pod's preStop drain three; the question is an actor round trip every worker joins.
+NOTICE_POLL_S = 5.0
+
+
+def watching_notices() -> bool:
+    """Whether anything watches for drains (off on the single-node local stack: no notice can come)."""
+    return os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1") != "0"
+
+
 # What a step reports, per stage kind (every worker reports the same names: they are averaged)
 STEP_TERMS = {
     "reconstruction": ("loss", *TERMS, "critic", "lecam"),
@@ -302,6 +312,8 @@ class Worker:
         if resume:
             checkpoint.restore(resume[1], self.engine, self.ema, self.critic(), self.rng, self.generator, self.rank)
             self.log(f"[{recipe.name}] resumed from step {self.step} ({resume[1].path})")
+        else:
+            self.log(f"[{recipe.name}] starting at step 0 (no checkpoint of this run yet)")
 
         self.tracker = (
             Tracker(run.tracking_uri, run.experiment, run.name, run_id, to_dict(recipe)) if self.rank == 0 else None
@@ -333,9 +345,9 @@ class Worker:
         self.means = IntervalMeans((*STEP_TERMS[self.run.recipe.kind], "step_s", "data_wait_s", "host_s"), self.device)
         self.started, self.first_step = time.perf_counter(), first_step
         self.checkpointed = first_step
+        self.verdict_ref, self.notice_due = None, time.monotonic() + NOTICE_POLL_S
         try:
             while self.step < tc.steps:
-                self.on_notice()
                 self.train_step()
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
                     self.log_interval()
@@ -361,7 +373,7 @@ class Worker:
         maybe_fault(self.run, self.step, self.rank, self.world, self.s3)
         started = time.perf_counter()
         data = StepData(self.micro_batches, self.accumulation, self.device, collate)
-        self.check_data(data.fetch())
+        self.agree(data.fetch())
         terms = optimizer_step(
             self.engine, self.stage, data, self.step, self.run.recipe, self.world, self.rng, self.generator, self.device
         )
@@ -380,37 +392,58 @@ class Worker:
             self.s3.write_bytes(uri, json.dumps(keys).encode())
         self.step += 1
 
-    def check_data(self, error: Exception | None) -> None:
-        """Before the step's first collective, every worker learns whether any worker's
-        data failed (access denied, an epoch without samples) or the run's ledger says stop
-        (the bad-data budget): then all of them stop here together. Any other error is a
-        bug: it is raised."""
-        import ray
-
+    def agree(self, error: Exception | None) -> None:
+        """Before the step's first collective, the workers agree, in one all-reduce, on what
+        ends the run here: a worker's data failed (access denied, an epoch without samples),
+        the run's ledger says stop (the bad-data budget), or a node of the run is about to go
+        (asked of Ray every NOTICE_POLL_S: the question is a barrier of its own). Any other
+        error in the data is a bug: it is raised."""
         failure = data_failure(error)
         if error is not None and failure is None:
             raise error
-        verdict = ray.get(self.run.counter.verdict.remote()) if self.rank == 0 else None
-        flag = torch.tensor([float(failure is not None or verdict is not None)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if not flag.item():
-            return
+        verdict = self.ledger_verdict() if self.rank == 0 else None
+        poll = self.rank == 0 and watching_notices() and time.monotonic() >= self.notice_due
+        flags = torch.tensor([float(failure is not None or verdict is not None), float(poll)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, poll = flags.tolist()
+        if stop:
+            self.stop_on_data(failure, verdict)
+        if poll:
+            self.notice_due = time.monotonic() + NOTICE_POLL_S
+            self.on_notice()
+
+    def ledger_verdict(self) -> str | None:
+        """The ledger's latest verdict, asked without waiting for it (one question in flight):
+        a step never waits for the ledger, which hears of a bad sample a step or two late anyway."""
+        import ray
+
+        if self.verdict_ref is not None and ray.wait([self.verdict_ref], timeout=0)[0]:
+            verdict, self.verdict_ref = ray.get(self.verdict_ref), None
+            if verdict is not None:
+                return verdict
+        if self.verdict_ref is None:
+            self.verdict_ref = self.run.counter.verdict.remote()
+        return None
+
+    def stop_on_data(self, failure: Exception | None, verdict: str | None) -> None:
+        """Every worker raises DataStopped with the same reason."""
+        import ray
+
         deadline = time.monotonic() + 10.0  # the ledger may still be hearing of what failed
         while self.rank == 0 and verdict is None and time.monotonic() < deadline:
-            time.sleep(0.5)
             verdict = ray.get(self.run.counter.verdict.remote())
+            if verdict is None:
+                time.sleep(0.5)
         reasons = [None] * self.world
         dist.all_gather_object(reasons, verdict or (str(failure) if failure else None))
         raise DataStopped(next(r for r in reasons if r))
 
     def on_notice(self) -> None:
-        """At a step boundary: when a node of this run is about to go (Ray's drain of it, as
-        a spot reclaim notice or a pod's termination asks for: cluster/preemption.py), the
-        steps trained so far are checkpointed (the upload waited for), then the run stops on
-        every worker; Ray Train starts it again on the nodes left and those that replace the
-        one going, from this checkpoint. A notice costs at most the step in flight."""
-        if os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1") == "0":
-            return  # nothing watches for drains (the single-node local stack): no notice can come
+        """When a node of this run is about to go (Ray's drain of it, as a spot reclaim notice
+        or a pod's termination asks for: cluster/preemption.py), the steps trained so far are
+        checkpointed (the upload waited for), then the run stops on every worker; Ray Train
+        starts it again on the nodes left and those that replace the one going, from this
+        checkpoint. A notice costs at most NOTICE_POLL_S and the step in flight."""
         import ray.train
 
         notice = ray.train.get_preemption_info()  # the same on every worker
