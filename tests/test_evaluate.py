@@ -34,6 +34,18 @@ def test_frechet_distance_matches_the_closed_form():
         frechet_distance(a[:1], b)
 
 
+@pytest.mark.parametrize("n", [5, 40, 600])  # fewer images than dimensions (singular covariances), and more
+def test_frechet_distance_is_pytorch_fids(n):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    rng = np.random.default_rng(n)
+    dim = 256
+    a = rng.normal(size=(n, dim)) * rng.random(dim)
+    b = rng.normal(size=(n, dim)) * rng.random(dim) + 0.1
+    reference = calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert frechet_distance(a, b) == pytest.approx(reference, rel=1e-6)
+
+
 def test_fid_features_load_configured_weights(tmp_path):
     from safetensors.torch import save_file
 

