@@ -160,6 +160,7 @@ def test_worker_killed_twice_in_a_shuffled_epoch_resumes_with_every_sample_once_
             "train.eval_every=4",
             f"data.fid_weights={sample}/weights/inception.safetensors",
         ),
+        timeout=1500,  # 293 s here; 652 s with the CPU halved (every process on one core)
     )
     assert "SIGKILL at step 5" in logs and "SIGKILL halfway through uploading step-00000008" in logs
     # Ray Train registers a reported checkpoint asynchronously: a failure right after a
