@@ -60,7 +60,7 @@ class FeatureMoments:
 
 
 def frechet(a: FeatureMoments, b: FeatureMoments) -> float:
-    """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2), pytorch-fid's formula (the paper's).
+    """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2), pytorch-fid's formula.
 
     Tr (S_a S_b)^1/2 is the sum of the square roots of the eigenvalues of S_a S_b, which are
     those of the symmetric S_a^1/2 S_b S_a^1/2: two symmetric eigendecompositions instead of
