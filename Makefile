@@ -10,8 +10,10 @@ INSTALL_INPUTS := pyproject.toml cluster/env/install.sh cluster/env/constraints.
 demo: $(VENV)/.installed
 	$(VENV)/bin/unilip demo
 
+# Two test processes (pytest-xdist): the stack's tests in one, in order (tests/conftest.py),
+# the others beside them, on the CPU the stack's tests leave idle.
 test: lint
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 # The tests that start no service (Ray, S3, MLflow, Serve): a change checked in minutes.
 quick: lint

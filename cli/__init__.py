@@ -8,6 +8,7 @@
     unilip submit recon-stage1 --preset unilip-1b --workers 4 --gpu --address http://HEAD:8265 --follow
     unilip model summary --preset unilip-1b
     unilip convert official --src ./UniLIP-1B --out ./unilip-1b-release --register unilip-1b-release
+    unilip export internvl models:/unilip-1b-recon-stage2-448/1 --out ./unilip-1b-internvl
     unilip generate --model DIR --prompt "a red fox in the snow"
     unilip serve --model models:/unilip-1b-gen-stage3/1
     unilip eval geneval --model ./unilip-1b-release --out ./eval/unilip-1b --gpus 8
@@ -38,6 +39,7 @@ COMMANDS = {
     "jobs": "cli.train",  # the cluster's jobs
     "model": "cli.model",  # model directories: init, summary
     "convert": "cli.model",  # the authors' release -> a model directory
+    "export": "cli.model",  # a model -> other formats (InternVL3 for understanding)
     "generate": "cli.infer",  # one model in this process
     "edit": "cli.infer",
     "reconstruct": "cli.infer",

@@ -1,4 +1,4 @@
-"""`unilip model init|summary` and `unilip convert official`: model directories."""
+"""`unilip model init|summary`, `unilip convert official` and `unilip export internvl`: model directories."""
 
 from __future__ import annotations
 
@@ -38,6 +38,17 @@ def add(sub) -> None:
     )
     p.set_defaults(func=convert_official)
 
+    export = sub.add_parser("export", help="write a model's parts in another project's format").add_subparsers(
+        dest="export_command", required=True, metavar="FORMAT"
+    )
+    p = export.add_parser(
+        "internvl",
+        help="the understanding half (trained encoder, frozen LLM) as a transformers InternVL3 checkpoint",
+    )
+    p.add_argument("model", help="the model: a directory, s3://..., or models:/NAME/VERSION")
+    p.add_argument("--out", required=True, help="directory to write (AutoModelForImageTextToText loads it)")
+    p.set_defaults(func=export_internvl)
+
 
 def model(args) -> int:
     from unilip.config import ModelConfig, apply_overrides
@@ -68,4 +79,14 @@ def convert_official(args) -> int:
         from jobs.tracking import register_converted
 
         print(f"registered {register_converted(args.out, args.register, args.src)}")
+    return 0
+
+
+def export_internvl(args) -> int:
+    from cluster.registry import fetch_model
+    from unilip.internvl import export_internvl
+    from unilip.model import UniLIP
+
+    out = export_internvl(UniLIP.from_pretrained(fetch_model(args.model)), args.out)
+    print(f"wrote {args.model}'s InternVL3 (trained encoder, frozen LLM) and its processor to {out}")
     return 0

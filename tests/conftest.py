@@ -1,7 +1,10 @@
 """Shared fixtures: one embedded stack (S3 server, MLflow, Ray on 127.0.0.1) per session.
 
 A test that uses the stack, or a module that starts services itself (`pytestmark =
-pytest.mark.stack`), is marked `stack`; `make quick` runs the others (`-m "not stack"`)."""
+pytest.mark.stack`), is marked `stack`; `make quick` runs the others (`-m "not stack"`).
+`make test` runs two pytest-xdist processes: every `stack` test in one of them, in one
+group (one stack, and services that would only slow each other down), the others beside
+it, on the core a stack test leaves idle while it waits on its services."""
 
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if STACK_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.stack)
+        if item.get_closest_marker("stack"):
+            item.add_marker(pytest.mark.xdist_group("stack"))  # one process runs them all (--dist loadgroup)
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +86,25 @@ def recorded_samples(s3, runs: str) -> tuple[list[str], list[str]]:
         for r in (0, 1)
     ]
     return steps, per_rank
+
+
+def mlflow_run(run_name: str):
+    """The one MLflow run of the training experiment with this `unilip.run` tag."""
+    import mlflow
+
+    from jobs.training.train import EXPERIMENT
+
+    (run,) = mlflow.search_runs(
+        experiment_names=[EXPERIMENT], filter_string=f"tags.`unilip.run` = '{run_name}'", output_format="list"
+    )
+    return run
+
+
+def loss_steps(run) -> list[int]:
+    """The steps a run logged its training loss at."""
+    import mlflow
+
+    return sorted({m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "train/loss")})
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Cluster definitions and job submission: every manifest checked, and a tiny recipe
-submitted to a real `ray start --head` on 127.0.0.1 with `unilip submit`."""
+"""Cluster definitions and job submission: every manifest checked, and a tiny release,
+converted and registered, continued by a recipe submitted to a real `ray start --head` on
+127.0.0.1 with `unilip submit`."""
 
 import os
 import re
@@ -10,15 +11,17 @@ from pathlib import Path
 import mlflow
 import pytest
 import ray
+import torch
 import yaml
 
 from cli import build_parser
 from cluster.local import LocalStack
+from cluster.registry import fetch_model
 from cluster.submit import FORWARDED_ENV
-from jobs.tracking import find_run
 from jobs.training.recipes import chain, recipe_names
-from jobs.training.train import EXPERIMENT
-from tests.conftest import ROOT, run_cli, run_inline, sets
+from tests.conftest import ROOT, loss_steps, mlflow_run, run_cli, run_inline, sets
+from tests.release_fixture import perturbed_tiny, write_release
+from unilip.model import UniLIP
 
 KUBERAY = ROOT / "cluster" / "kuberay"
 IMAGE = re.compile(r"^[\w.\-/]+:[\w.\-]+$")  # registry/name:tag
@@ -151,16 +154,34 @@ def ray_head(stack, tmp_path):
         assert head.leftover_processes() == []
 
 
-def test_submit_runs_a_recipe_on_a_ray_head_and_jobs_commands_follow_it(stack, s3, sample, ray_head):
+def test_a_release_continued_by_a_job_submitted_to_a_ray_head(stack, s3, sample, ray_head, tmp_path):
+    """A release checkpoint -> `unilip convert official --register` -> `unilip submit
+    gen-stage3 --from models:/...` to a Ray head -> the jobs commands follow it."""
+    tiny = perturbed_tiny()
+    release = write_release(tiny, tmp_path / "UniLIP-tiny")
+    converted = run_inline(  # a conversion and an MLflow registration start nothing: in this process
+        "convert",
+        "official",
+        "--src",
+        str(release),
+        "--out",
+        str(tmp_path / "converted"),
+        "--register",
+        "unilip-tiny-release",
+    )
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    assert "registered models:/unilip-tiny-release/1" in converted.stdout
     out = run_cli(
         "submit",
-        "recon-stage1",
+        "gen-stage3",
         "--preset",
         "tiny",
         "--workers",
         "1",
+        "--from",
+        "models:/unilip-tiny-release/1",
         "--run-name",
-        "submitted",
+        "from-release",
         *sets("train.steps=2", "train.checkpoint_every=2", "train.eval_every=2"),
         "--address",
         ray_head,
@@ -170,20 +191,35 @@ def test_submit_runs_a_recipe_on_a_ray_head_and_jobs_commands_follow_it(stack, s
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
     job_id = re.search(r"submitted job (\S+):", out.stdout).group(1)
     assert f"job {job_id}: SUCCEEDED" in out.stdout
-    assert "[train] step 2" in out.stdout or "step 2" in out.stdout  # the job's log was streamed
+    assert "step 2" in out.stdout  # the job's log was streamed
+    assert "DiT positional embedding 'sincos', as the starting model's generator was trained" in out.stdout + out.stderr
 
-    assert s3.list_keys(f"s3://{stack.bucket}/runs/submitted/step-00000002/")  # the checkpoint, in the moto bucket
+    assert s3.list_keys(f"s3://{stack.bucket}/runs/from-release/step-00000002/")  # the checkpoint, in the moto bucket
     mlflow.set_tracking_uri(stack.env()["MLFLOW_TRACKING_URI"])
-    run = find_run(EXPERIMENT, "submitted")
-    assert run.info.status == "FINISHED"
+    run = mlflow_run("from-release")
+    assert run.info.status == "FINISHED" and loss_steps(run) == [1, 2]
+    registered = run.data.tags["unilip.registered"]
+    version = mlflow.MlflowClient().get_model_version("unilip-tiny-gen-stage3", registered.rsplit("/", 1)[1])
+    assert version.tags["from"] == "models:/unilip-tiny-release/1"
+    trained = UniLIP.from_pretrained(fetch_model(registered))
+    # the DiT's positional embedding, which no weight file shows, goes through the registry
+    # both ways: the release's sincos, kept by the stage that continued it (its recipe says none)
+    assert UniLIP.from_pretrained(fetch_model("models:/unilip-tiny-release/1")).cfg.dit_pos_embed == "sincos"
+    assert trained.cfg.dit_pos_embed == "sincos" and trained.generator.dit.patch_embed.pos_embed is not None
+    # gen-stage3 trains the generator; the release's encoder and pixel decoder come through unchanged
+    for part in ("encoder", "pixel_decoder", "down_proj"):
+        got, want = trained.components()[part].state_dict(), tiny.components()[part].state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), part
+    got, want = trained.components()["dit"].state_dict(), tiny.components()["dit"].state_dict()
+    assert not all(torch.equal(got[k], want[k]) for k in want)  # and the DiT trained from the release's weights
 
     # the jobs commands only ask the head over HTTP: in this process
     listed = run_inline("jobs", "list", "--address", ray_head)
-    assert listed.returncode == 0 and job_id in listed.stdout and "recon-stage1" in listed.stdout
+    assert listed.returncode == 0 and job_id in listed.stdout and "gen-stage3" in listed.stdout
     status = run_inline("jobs", "status", job_id, "--address", ray_head)
     assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
     logs = run_inline("jobs", "logs", job_id, "--address", ray_head)
-    assert logs.returncode == 0 and "submitted" in logs.stdout
+    assert logs.returncode == 0 and "from-release" in logs.stdout
     stop = run_inline("jobs", "stop", job_id, "--address", ray_head)
     assert stop.returncode == 0 and "already finished" in stop.stdout
     missing = run_inline("jobs", "status", "no-such-job", "--address", ray_head)

@@ -5,11 +5,16 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from jobs.training.recipes import chain
 
 BLOCKED = ("ray", "deepspeed", "mlflow", "pyarrow", "boto3")
 
 
+# 81 s alone; 384 s beside the stack's tests (`make test` runs them side by side): the
+# benchmark's CPU-bound steps get a fifth of the two cores while a training test runs
+@pytest.mark.timeout(1500)
 def test_bench_model_runs_without_the_cluster_stack(tmp_path):
     out = tmp_path / "bench.json"
     argv = [
@@ -36,7 +41,7 @@ def test_bench_model_runs_without_the_cluster_stack(tmp_path):
         f"import sys\nfor m in {BLOCKED!r}: sys.modules[m] = None  # import raises\n"
         f"from cli import main\nsys.exit(main({argv!r}))"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1400)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [row["recipe"] for row in report["train"]] == chain()

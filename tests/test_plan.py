@@ -115,7 +115,8 @@ def test_plan_arithmetic_and_task_share():
 
 
 def test_plan_cli_prints_every_recipe_and_rejects_bad_input():
-    out = run_inline("plan", "all", "--preset", "unilip-3b")
+    # the per-GPU memory, measured at real size on the meta device, is tests/test_memory.py's
+    out = run_inline("plan", "all", "--preset", "unilip-3b", "--no-memory")
     assert out.returncode == 0, out.stderr
     for name in chain():
         assert f"== {name} (unilip-3b)" in out.stdout

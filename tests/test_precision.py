@@ -175,7 +175,8 @@ def test_fp32_remains_selectable(process_group, photos):
         torch.Generator().manual_seed(0),
         "cpu",
     )
-    assert set(terms) == {"mse", "lpips", "loss"} and all(math.isfinite(v) for v in terms.values())
+    # one worker in fp32: DeepSpeed's path without ZeRO would discard the norm, so the loop clips
+    assert set(terms) == {"mse", "lpips", "loss", "grad_norm"} and all(math.isfinite(v) for v in terms.values())
 
 
 def test_inference_runs_in_the_device_s_precision_with_sdpa(photos):

@@ -352,9 +352,10 @@ class UniLIP(nn.Module):
         recon, _ = self.reconstruct_tensors(self.preprocess(images, size))
         return to_pil(recon)
 
-    @torch.no_grad()
-    def understand(self, image, question: str, max_new_tokens: int = 64) -> str:
-        """Answer a question about an image with InternVL3, the UniLIP encoder in place."""
+    def understanding_inputs(self, image, question: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """InternVL3's input for one image and question: the chat's token ids, the image's
+        256 context tokens between `<img>` and `</img>` on the user's first line, and its
+        pixel values at 448 px (the one tile `understand` reads)."""
         from unilip.tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
 
         check_text(question)
@@ -362,10 +363,16 @@ class UniLIP(nn.Module):
         n = self.mllm.config.image_seq_length
         text = f"{IM_START}user\n{IMG_START}{IMG_CONTEXT * n}{IMG_END}\n{question}{IM_END}\n{IM_START}assistant\n"
         ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], device=self.device)
+        return ids, pixels.to(self.mllm.dtype)
+
+    @torch.no_grad()
+    def understand(self, image, question: str, max_new_tokens: int = 64) -> str:
+        """Answer a question about an image with InternVL3, the UniLIP encoder in place."""
+        ids, pixels = self.understanding_inputs(image, question)
         out = self.mllm.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            pixel_values=pixels.to(self.mllm.dtype),
+            pixel_values=pixels,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=self.tokenizer.eos_token_id,

@@ -53,11 +53,20 @@ INTERNVL3 = VocabLayout(
     },
 )
 
+# InternVL3's chat template (ChatML): text content as is; an image item becomes the image
+# placeholder on its own line, which InternVL's processor expands into the image's tokens.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif item['type'] == 'video' %}{{ '<video>\\n' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 # Enough varied English for the merges to cover the prompts, captions and instructions

@@ -44,6 +44,7 @@ from jobs.training.optim import (
     gathered,
     gradient_accumulation,
     lr_at,
+    own_clipping,
     set_lr,
     zero_stage,
 )
@@ -181,7 +182,8 @@ def optimizer_step(
     each as it is needed): the model through DeepSpeed, then
     the discriminator (when the adversarial loss is on at `step`). Returns this worker's
     terms, each the mean over the micro batches that had it, as tensors where they were
-    computed: reading them here would make the host wait for the device every step."""
+    computed: reading them here would make the host wait for the device every step; and
+    the gradients' norm where the loop clips them (`own_clipping`)."""
     tc, loss = recipe.train, stage.loss
     set_lr(stage.optimizer, lr_at(step, tc))
     critic_on = loss is not None and loss.gan_active(step)
@@ -189,6 +191,9 @@ def optimizer_step(
     for batch in micro_batches:
         terms = engine(batch, step, rng, generator)
         engine.backward(terms["loss"])
+        if own_clipping(tc, world) and engine.is_gradient_accumulation_boundary():
+            trained = [p for p in engine.module.parameters() if p.requires_grad]
+            terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(trained, tc.grad_clip or float("inf"))
         engine.step()
         if critic_on:
             d_terms = loss.discriminator_terms(terms["recon"], batch["pixel_values"])
@@ -377,6 +382,7 @@ class Worker:
         terms = optimizer_step(
             self.engine, self.stage, data, self.step, self.run.recipe, self.world, self.rng, self.generator, self.device
         )
+        self.grad_norm = terms.pop("grad_norm", None)
         self.ema.update(self.step + 1)
         booked = time.perf_counter()
         for raw in data.consumed:  # trained on: only now consumed
@@ -472,6 +478,7 @@ class Worker:
         elapsed = time.perf_counter() - self.started
         rate = (step - self.first_step) * tc.global_batch / elapsed
         grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.grad_norm if grad_norm is None else grad_norm  # the loop's clipping (`own_clipping`)
         metrics = {f"train/{k}": v for k, v in self.means.read().items()}
         metrics |= {"train/lr": lr_at(step - 1, tc), "train/samples_per_s": rate}
         if grad_norm is not None:

@@ -61,12 +61,20 @@ def zero_stage(cfg: TrainConfig, workers: int) -> int:
     return cfg.zero_stage if workers > 1 else 0
 
 
+def own_clipping(cfg: TrainConfig, workers: int) -> bool:
+    """DeepSpeed's ZeRO and bf16 optimizers clip the gradients and report their global norm;
+    its fp32 path without ZeRO (one worker) clips and discards the norm. There the training
+    loop clips instead (`torch.nn.utils.clip_grad_norm_`, the same clipping), and so logs the
+    norm on one worker as on many."""
+    return zero_stage(cfg, workers) == 0 and cfg.precision == "fp32"
+
+
 def deepspeed_config(cfg: TrainConfig, workers: int) -> dict:
     return {
         "train_batch_size": cfg.global_batch,
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": gradient_accumulation(cfg, workers),
-        "gradient_clipping": cfg.grad_clip,
+        "gradient_clipping": 0.0 if own_clipping(cfg, workers) else cfg.grad_clip,
         "zero_optimization": {"stage": zero_stage(cfg, workers)},
         "bf16": {"enabled": cfg.precision == "bf16"},
         "zero_allow_untested_optimizer": True,  # torch AdamW: no compiled op needed
