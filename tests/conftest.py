@@ -4,7 +4,7 @@ A test that uses the stack, or a module that starts services itself (`pytestmark
 pytest.mark.stack`), is marked `stack`; `make quick` runs the others (`-m "not stack"`).
 `make test` runs two pytest-xdist processes: every `stack` test in one of them, in one
 group (one stack, and services that would only slow each other down), the others beside
-it, on the core a stack test leaves idle while it waits on its services."""
+it, on the CPU the stack's tests leave idle."""
 
 from __future__ import annotations
 

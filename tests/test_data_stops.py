@@ -24,8 +24,11 @@ pytestmark = pytest.mark.timeout(1200)
 
 # one worker: the stops and the resumes are the data's; the ZeRO-3 test and the soak split an
 # epoch between two
+LAUNCH = ("--preset", "tiny", "--workers", "1")
+
+
 def train(*args):
-    return run_cli("train", *args, "--preset", "tiny", "--workers", "1", timeout=600)
+    return run_cli("train", *args, *LAUNCH, timeout=600)
 
 
 def stopped_at(output: str) -> int:
@@ -57,7 +60,7 @@ def test_denied_then_deleted_shards_stop_the_run_and_the_fixed_run_trains_every_
     # 1. Mid-run, read access to the source is revoked. Its first epoch is read ahead of
     # training; the second is read once the first is consumed (the epoch barrier), so
     # the revocation meets reads still to come. Never bad data: the run stops on it.
-    cmd = [sys.executable, "-m", "cli", "train", *args, "--preset", "tiny", "--workers", "1"]
+    cmd = [sys.executable, "-m", "cli", "train", *args, *LAUNCH]
     log = tmp_path / "train.log"
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
