@@ -187,9 +187,11 @@ class StepSchedule:
             self.row_credit = [{g: dict(credit) for g, credit in r.items()} for r in state["row_credit"]]
 
 
-def epoch_stream(source: MixSource, first_epoch: int) -> Iterator[tuple[int, dict]]:
+def epoch_stream(source: MixSource, first_epoch: int, rest: bool = False) -> Iterator[tuple[int, dict]]:
     """(epoch, batch) of one source without end, epoch after epoch. The guard: rows that
-    say which epoch the datasource read them in must be in this one."""
+    say which epoch the datasource read them in must be in this one. `rest`: the first
+    epoch is a resumed epoch's rest, which may hold nothing for this worker (the checkpoint
+    came at the epoch's end, or only samples the decoder skips were left)."""
     epoch = first_epoch
     while True:
         rows = 0
@@ -203,9 +205,9 @@ def epoch_stream(source: MixSource, first_epoch: int) -> Iterator[tuple[int, dic
                     )
                 rows += len(batch["key"])
                 yield epoch, batch
-        if not rows:
+        if not rows and not rest:
             raise EmptyEpoch(f"data source {source.name!r} yields no samples in epoch {epoch}")
-        epoch += 1
+        epoch, rest = epoch + 1, False
 
 
 class ReadAhead:
@@ -275,9 +277,9 @@ def close(stream) -> None:
 class _Cursor:
     """Rows of one source, across epochs, with the epoch of each row."""
 
-    def __init__(self, source: MixSource, first_epoch: int = 0):
+    def __init__(self, source: MixSource, first_epoch: int = 0, rest: bool = False):
         self.source, self.epoch = source, first_epoch
-        stream = epoch_stream(source, first_epoch)
+        stream = epoch_stream(source, first_epoch, rest)
         rows = lambda item: len(item[1]["key"])  # noqa: E731 - (epoch, batch)
         self._stream = ReadAhead(stream, source.prefetch, source.name, rows) if source.prefetch else stream
         self._batch, self._pos = None, 0
@@ -329,7 +331,8 @@ class TaskMixer:
         self.sources = {s.name: s for s in sources}
         self.schedule = StepSchedule(sources, batch_size, world, accumulation, mode, seed)
         self.rank, self.pin_memory = rank, pin_memory
-        self.cursors = {s.name: _Cursor(s, (epochs or {}).get(s.name, 0)) for s in sources}
+        # `epochs` (a resume): each source starts with its interrupted epoch's rest
+        self.cursors = {s.name: _Cursor(s, (epochs or {}).get(s.name, 0), epochs is not None) for s in sources}
         self._pending: list[dict[str, int]] = []
 
     def next_batch(self) -> dict:

@@ -17,7 +17,16 @@ from PIL import Image
 from pipelines.budget import skip_counter
 from pipelines.decode import frame, sample_rng
 from pipelines.ingest import build_sources, worker_mixer
-from pipelines.mix import MixSource, ReadAhead, StepSchedule, TaskMixer, collate, effective_weights, prepared
+from pipelines.mix import (
+    EmptyEpoch,
+    MixSource,
+    ReadAhead,
+    StepSchedule,
+    TaskMixer,
+    collate,
+    effective_weights,
+    prepared,
+)
 from pipelines.order import Order
 from pipelines.position import Intervals
 from pipelines.read import configure_data_context, raw_dataset, source_dataset
@@ -189,6 +198,9 @@ def test_every_epoch_and_seed_has_its_own_order_and_a_resume_keeps_it(stack, s3,
         done.setdefault(u, []).append((i, i + 1))
     rest = epochs(Order(seed=0), done={u: Intervals(r) for u, r in done.items()})[0]
     assert rest == first[20:]
+    # a checkpoint at the epoch's end: its rest reads nothing, and says so without an error
+    # (the mixer then goes on with the next epoch: test_a_resume_at_an_epochs_end_...)
+    assert epochs(Order(seed=0), done={u: Intervals([(0, 2)]) for u, *_ in first})[0] == []
 
 
 def test_framing_squash_center_and_random_crop():
@@ -498,6 +510,29 @@ def test_the_trainer_refuses_rows_of_another_epoch_than_its_own():
     assert list(mixer.next_batch()["key"]) == ["a", "b"]  # epoch 0: as expected
     with pytest.raises(RuntimeError, match="'gen': the datasource read epoch 0 while training is in epoch 1"):
         mixer.next_batch()
+
+
+def test_a_resume_at_an_epochs_end_goes_on_with_the_next_epoch():
+    """A checkpoint taken as an epoch ends leaves its rest empty (so can a rest of skipped
+    samples, or a worker's split of a short rest): the resumed worker goes on with the next
+    epoch. A whole epoch without a sample is still refused."""
+
+    def batches(epoch):  # epoch 0's rest holds nothing; later epochs two rows each
+        if epoch == 0:
+            return
+        yield {
+            "key": np.array([f"e{epoch}a", f"e{epoch}b"], dtype=object),
+            "prompt": np.array(["p", "p"], dtype=object),
+            "image": np.zeros((2, 2, 2, 3), np.uint8),
+            "url": np.array(["u", "u"], dtype=object),
+            "index": np.arange(2),
+            "epoch": np.full(2, epoch, np.int64),
+        }
+
+    resumed = TaskMixer([MixSource("gen", "generation", 1.0, batches)], 2, epochs={"gen": 0})
+    assert [list(resumed.next_batch()["key"]) for _ in range(2)] == [["e1a", "e1b"], ["e2a", "e2b"]]
+    with pytest.raises(EmptyEpoch, match="'gen' yields no samples in epoch 0"):
+        TaskMixer([MixSource("gen", "generation", 1.0, batches)], 2).next_batch()
 
 
 def test_prepared_micro_batches_carry_the_state_of_the_step_they_end():
