@@ -191,12 +191,15 @@ def run_soak(
     steps: int | None = None,
     schedule: list[str] | None = None,
     gaps: tuple[float, float] = (30.0, 90.0),
+    at_steps: list[int] | None = None,
     cluster: Cluster | None = None,
     log=print,
 ) -> dict:
     """The soak (see the module doc); returns its figures. `schedule`: these faults in this
     order instead of random kinds for `minutes` (the short variant the test suite runs);
-    `gaps`: the range of seconds between faults; `cluster`: one already up (else its own)."""
+    `gaps`: the range of seconds between faults, or `at_steps`: fault i once the run has
+    trained step at_steps[i] (whatever the machine's speed); `cluster`: one already up (else
+    its own)."""
     from jobs.training.train import registered_model
     from pipelines.sample_data import build_sample_dataset
 
@@ -244,9 +247,13 @@ def run_soak(
             soak.wait(lambda: soak.last_step() >= 1, 600, "a first step")
             rotations = stack.credential_rotations()
             window_end = time.monotonic() + minutes * 60
-            planned = list(schedule or [])
+            planned, marks = list(schedule or []), list(at_steps or [])
             while (planned if schedule else time.monotonic() < window_end) and proc.poll() is None:
-                time.sleep(rng.uniform(*gaps))
+                if marks:
+                    mark = marks.pop(0)
+                    soak.wait(lambda: soak.last_step() >= mark, 600, f"step {mark}")  # noqa: B023 - waited for here
+                else:
+                    time.sleep(rng.uniform(*gaps))
                 if proc.poll() is not None or soak.last_step() >= steps - 4:
                     break
                 faults.append(soak.inject(planned.pop(0) if schedule else rng.choice(KINDS)))
