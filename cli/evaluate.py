@@ -1,4 +1,4 @@
-"""`unilip eval BENCH|recon|check|summarize`: the paper's benchmarks, as the official scorers read them."""
+"""`unilip eval BENCH|recon|understanding|report|check|summarize`: the paper's benchmarks, as the official scorers read them."""
 
 from __future__ import annotations
 
@@ -64,6 +64,28 @@ def add(sub) -> None:
     p.add_argument("--limit", type=int, help="only the first N images")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     p.set_defaults(func=recon)
+    p = evals.add_parser(
+        "understanding", help="the paper's understanding benchmarks (MME-P, MMBench, ...) by lmms-eval"
+    )
+    p.add_argument("--model", required=True, help="DIR, s3://..., models:/NAME/VERSION")
+    p.add_argument("--out", required=True, help="output directory (understanding.json, the harness's files)")
+    p.add_argument(
+        "--tasks",
+        default="paper",
+        help="comma list of lmms-eval tasks or the paper's columns (MME-P, MMBench, MMMU, MM-Vet, SEED, AI2D, "
+        "MMVP, TextVQA); default paper: all of them (MM-Vet only with OPENAI_API_KEY, its judge)",
+    )
+    p.add_argument("--gpus", type=int, default=0, help="Ray tasks of one GPU each (default 0: this machine's CPU)")
+    p.add_argument("--limit", type=int, help="only the first N questions of each task (a smoke test)")
+    p.add_argument("--hf-home", help="a Hugging Face cache holding the benchmarks' data (read offline)")
+    p.add_argument("--include-path", help="a folder of task YAMLs in the harness's format (local data)")
+    p.add_argument("--harness-python", help="the python of an environment with lmms-eval (default: this one)")
+    p.set_defaults(func=understanding)
+    p = evals.add_parser("report", help="reconstruction and understanding next to the paper's Tables 1 and 3")
+    p.add_argument("outs", nargs="+", metavar="OUT", help="eval directories (recon-448.json, understanding.json)")
+    p.add_argument("--baseline", help="an OUT every other is compared with (the original InternViT, scored alike)")
+    p.add_argument("--out", help="also write OUT.md and OUT.csv")
+    p.set_defaults(func=report)
     for action, text in (
         ("check", "validate OUT's layout as the official scorer reads it"),
         ("summarize", "the official scorer's outputs -> the benchmark's scores (and MLflow)"),
@@ -117,6 +139,29 @@ def recon(args) -> int:
         args.limit,
         args.dtype,
     )
+    return 0
+
+
+def understanding(args) -> int:
+    from jobs.evaluation.understanding import run_understanding
+
+    run_understanding(
+        args.model,
+        args.out,
+        args.tasks,
+        args.gpus,
+        args.limit,
+        args.include_path,
+        args.hf_home,
+        args.harness_python,
+    )
+    return 0
+
+
+def report(args) -> int:
+    from jobs.evaluation.report import report
+
+    report(args.outs, args.baseline, args.out)
     return 0
 
 

@@ -83,6 +83,11 @@ def test_train_all_runs_every_stage_and_exports_a_generating_model(stack, s3, sa
         assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(m.value) for m in history), (
             term
         )
+    # the stages that train the encoder watch understanding at each eval; stage 1 (frozen encoder) has nothing to watch
+    for name in ("recon-stage2", "recon-stage2-448"):
+        metrics = mlflow_run(f"{name}-tiny").data.metrics
+        assert metrics["eval/understanding_kl"] > 0 and 0 <= metrics["eval/understanding_top1"] <= 1, name
+    assert "eval/understanding_kl" not in mlflow_run("recon-stage1-tiny").data.metrics
     # gen-stage2: global steps that hold both tasks (a step's four micro batches differ)
     run_id = mlflow_run("gen-stage2-tiny").info.run_id
     assert client.get_metric_history(run_id, "train/flow_generation") and client.get_metric_history(

@@ -152,7 +152,8 @@ class ReconstructionLoss(nn.Module):
         self.convnext = ConvNeXtLogits(cfg.convnext_weights) if cfg.convnext else None
         if cfg.distill and teacher is None:
             raise ValueError("loss.distill needs the frozen original encoder (build the model with teacher=True)")
-        self.teacher = frozen(teacher).float() if cfg.distill else None
+        # kept without distillation too: the understanding signal compares against it
+        self.teacher = frozen(teacher).float() if teacher is not None else None
         self.discriminator = Critic(cfg.discriminator_width) if self.has_gan else None
 
     @property
@@ -175,7 +176,7 @@ class ReconstructionLoss(nn.Module):
                 terms["lpips"] = self.lpips(fake * 2 - 1, real * 2 - 1).mean()
             if self.convnext is not None:
                 terms["convnext"] = self.convnext(fake, real)
-            if self.teacher is not None:
+            if cfg.distill:
                 with torch.no_grad():
                     target = self.teacher(pixel_values.float())
                 terms["distill"] = F.mse_loss(feats.float(), target)

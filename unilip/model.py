@@ -365,6 +365,14 @@ class UniLIP(nn.Module):
         ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], device=self.device)
         return ids, pixels.to(self.mllm.dtype)
 
+    def understanding_logits(self, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The frozen LLM's logits for `ids` (as `understanding_inputs` makes them) with
+        `features` (B, 256, D) in place of the `<IMG_CONTEXT>` tokens, as InternVL3 merges
+        its encoder's output: how the LLM reads any encoder's features (a teacher's, say)."""
+        embeds = self.mllm.get_input_embeddings()(ids)
+        image = (ids == self.mllm.config.image_token_id)[..., None]
+        return self.mllm(inputs_embeds=embeds.masked_scatter(image, features.to(embeds.dtype))).logits
+
     @torch.no_grad()
     def understand(self, image, question: str, max_new_tokens: int = 64) -> str:
         """Answer a question about an image with InternVL3, the UniLIP encoder in place."""

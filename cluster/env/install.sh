@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create or update the project virtualenv: bash cluster/env/install.sh VENV [EXTRAS]
 #   bash cluster/env/install.sh .venv          # runtime only
-#   bash cluster/env/install.sh .venv test     # with test extras
+#   bash cluster/env/install.sh .venv test     # with test extras (understanding's among them)
+#   bash cluster/env/install.sh .venv understanding   # with lmms-eval, for `unilip eval understanding`
 #   UNILIP_INSTALLER=pip bash cluster/env/install.sh .venv test   # the pip fallback
 # uv (from PyPI, bootstrapped into VENV/.uv-tool when it is not on PATH) creates the venv
 # and installs; pip does the same, slower, with UNILIP_INSTALLER=pip or where uv cannot be
@@ -83,6 +84,13 @@ fi
 
 step "installing unilip${extras:+[$extras]}"
 install -e "$root${extras:+[$extras]}"
+
+# lmms-eval (`unilip eval understanding`) declares every model's and task's dependencies,
+# among them wandb, whose pin needs protobuf < 7 where Ray and MLflow run on 7: it is
+# installed without them, next to what its image benchmarks import (the extra above).
+if [[ ",$extras," == *,understanding,* || ",$extras," == *,test,* ]]; then
+  install --no-deps lmms-eval
+fi
 
 # The torchvision import hook (a no-op where torchvision's compiled ops load).
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

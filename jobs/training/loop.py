@@ -106,7 +106,9 @@ def build_model(recipe: Recipe, init_from: str | None, s3, device=None) -> UniLI
     (built on `device`: `meta` for shapes and memory without weights)."""
     from cluster.registry import fetch_model
 
-    teacher = recipe.kind == "reconstruction" and recipe.loss.distill > 0
+    # the original encoder: the distillation's target, and the understanding signal's
+    # reference wherever the encoder trains (held_out.understanding_drift)
+    teacher = recipe.kind == "reconstruction" and (recipe.loss.distill > 0 or "encoder" in recipe.train.trainable)
     if init_from:
         return UniLIP.from_pretrained(fetch_model(init_from, s3), teacher=teacher, cfg=recipe.model)
     return UniLIP.from_preset(recipe.model.preset, recipe.model, teacher=teacher, device=device)
@@ -499,9 +501,10 @@ class Worker:
         from jobs.tracking import image_grid
 
         self.engine.eval()
+        teacher = self.loss.teacher if self.loss is not None and "encoder" in self.tc.trainable else None
         with gathered(list(self.engine.module.parameters())):
             metrics, rows = evaluate(
-                self.model, self.run.recipe.kind, self.eval_images, seed=self.tc.seed, fid=self.fid
+                self.model, self.run.recipe.kind, self.eval_images, seed=self.tc.seed, fid=self.fid, teacher=teacher
             )
         self.engine.train()
         if self.tracker:
