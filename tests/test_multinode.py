@@ -37,12 +37,12 @@ def cluster(tmp_path_factory):
 
 
 def test_training_survives_a_node_loss_an_s3_outage_and_a_notice(cluster):
-    # each fault at a step, whatever the machine's speed: the notice early (its checkpoint is
-    # taken at a poll, up to 5 s later), the node just after the checkpoint at the first
-    # epoch's end (step 24 of 2 x 24): the resumed run's rest of that epoch is empty, and it
-    # goes on with the next
-    schedule, at_steps = ["notice", "node", "outage"], [10, 25, 32]
-    result = run_soak(seed=0, steps=48, schedule=schedule, at_steps=at_steps, cluster=cluster)
+    # each fault at a step, whatever the machine's speed: the node just after the checkpoint
+    # at the first epoch's end (step 24 of 3 x 24), whose resumed run's rest of that epoch is
+    # empty and goes on with the next; the notice with room to be seen (Ray's watcher and the
+    # loop each poll every 5 s: 17 steps went by once) and acted on before the run ends
+    schedule, at_steps = ["node", "notice", "outage"], [25, 30, 56]
+    result = run_soak(seed=0, steps=72, schedule=schedule, at_steps=at_steps, cluster=cluster)
     assert result["faults_injected"] == {"worker": 0, "node": 1, "notice": 1, "outage": 1}
     assert result["steps_recorded_once"] and result["samples_lost"] == result["samples_repeated"] == 0
     (node,) = [f for f in result["faults"] if f["kind"] == "node"]
