@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli.options import overrides
+from cli.options import MODEL, overrides
 
 
 def add(sub) -> None:
@@ -57,7 +57,7 @@ def add(sub) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps (default: enough epochs to outlast the faults)")
 
     p = target("serve", "HTTP overhead at batch 1 and batching speed-up under concurrent load", serve)
-    p.add_argument("--model", required=True, help="model to serve (directory, s3://..., models:/...)")
+    p.add_argument("--model", required=True, help=f"model to serve: {MODEL}")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     p.add_argument("--requests", type=int, default=10, help="requests per client (default 10)")
     p.add_argument("--steps", type=int, default=2, help="sampling steps per image (default 2)")

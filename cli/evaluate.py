@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cli.options import MODEL
+
 
 def add(sub) -> None:
     from jobs.evaluation.suites import BENCHMARKS
@@ -11,7 +13,7 @@ def add(sub) -> None:
     ).add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     for name, bench in BENCHMARKS.items():
         p = evals.add_parser(name, help=f"{bench.source}: {bench.images_per_prompt} image(s) per prompt")
-        p.add_argument("--model", required=True, help="DIR, s3://..., models:/NAME/VERSION")
+        p.add_argument("--model", required=True, help=MODEL)
         p.add_argument(
             "--out",
             required=True,
@@ -49,7 +51,7 @@ def add(sub) -> None:
         p.add_argument("--detector-dir", help="--score geneval: the folder with the Mask2Former checkpoint")
         p.set_defaults(func=render)
     p = evals.add_parser("recon", help="rFID, PSNR, SSIM (and the release's SSIM) of reconstructions")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=MODEL)
     p.add_argument(
         "--data", required=True, help="an image folder, or a source (manifest.json + shards; local or s3://)"
     )
@@ -67,7 +69,7 @@ def add(sub) -> None:
     p = evals.add_parser(
         "understanding", help="the paper's understanding benchmarks (MME-P, MMBench, ...) by lmms-eval"
     )
-    p.add_argument("--model", required=True, help="DIR, s3://..., models:/NAME/VERSION")
+    p.add_argument("--model", required=True, help=MODEL)
     p.add_argument("--out", required=True, help="output directory (understanding.json, the harness's files)")
     p.add_argument(
         "--tasks",

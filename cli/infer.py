@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from cli.options import inference
+from cli.options import MODEL, inference
 
 
 def add(sub) -> None:
     for name, text in (("generate", "text -> images"), ("edit", "image + instruction -> edited image")):
         p = sub.add_parser(name, help=f"{text} (PNG files)")
-        p.add_argument("--model", required=True, help="model directory")
+        p.add_argument("--model", required=True, help=MODEL)
         p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
         if name == "edit":
             p.add_argument("--image", action="append", required=True, help="reference image (repeatable)")
@@ -23,7 +23,7 @@ def add(sub) -> None:
         p.set_defaults(func=generate)
 
     p = sub.add_parser("reconstruct", help="image -> UniLIP features -> pixels (PNG files)")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=MODEL)
     p.add_argument("--image", action="append", required=True)
     p.add_argument("--size", type=int, default=448)
     p.add_argument("--out", default="outputs")
@@ -31,7 +31,7 @@ def add(sub) -> None:
     p.set_defaults(func=reconstruct)
 
     p = sub.add_parser("understand", help="answer a question about an image (InternVL3 with the UniLIP encoder)")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=MODEL)
     p.add_argument("--image", required=True)
     p.add_argument("--question", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -40,9 +40,9 @@ def add(sub) -> None:
 
 
 def load_model(args):
-    from unilip.model import UniLIP
+    from cluster.registry import load_model
 
-    return UniLIP.from_pretrained(args.model).for_inference(args.device, args.dtype)
+    return load_model(args.model, device=args.device, dtype=args.dtype)
 
 
 def open_images(paths: list[str]):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cli.options import overrides
+from cli.options import MODEL, overrides
 
 
 def add(sub) -> None:
@@ -22,7 +22,9 @@ def add(sub) -> None:
         "official", help="the authors' released UniLIP-1B/3B (kanashi6/UniLIP-*) -> a model directory"
     )
     p.add_argument(
-        "--src", required=True, help="the release directory (config.json + safetensors), or an s3:// prefix holding it"
+        "--src",
+        required=True,
+        help="the release: a directory (config.json + safetensors), an s3:// prefix, or a hub id (kanashi6/UniLIP-1B)",
     )
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--preset", help="tiny | unilip-1b | unilip-3b (default: from the release's mllm_hf_path)")
@@ -45,7 +47,7 @@ def add(sub) -> None:
         "internvl",
         help="the understanding half (trained encoder, frozen LLM) as a transformers InternVL3 checkpoint",
     )
-    p.add_argument("model", help="the model: a directory, s3://..., or models:/NAME/VERSION")
+    p.add_argument("model", help=f"the model: {MODEL}")
     p.add_argument("--out", required=True, help="directory to write (AutoModelForImageTextToText loads it)")
     p.set_defaults(func=export_internvl)
 
@@ -70,10 +72,12 @@ def model(args) -> int:
 
 
 def convert_official(args) -> int:
+    from cluster.registry import fetch_dir
     from unilip.official import convert_official
 
     upstream = {"mllm": args.mllm, "dit": args.dit, "dcae": args.dcae}
-    report = convert_official(args.src, args.out, args.preset, upstream, check_llm=not args.skip_llm_check)
+    src = str(fetch_dir(args.src))  # a directory, an s3:// prefix or a hub id
+    report = convert_official(src, args.out, args.preset, upstream, check_llm=not args.skip_llm_check)
     print("\n".join(report.lines()))
     if args.register:
         from jobs.tracking import register_converted

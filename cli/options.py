@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+# Every command's model reference (cluster.registry.fetch_model)
+MODEL = "DIR, s3://..., models:/NAME/VERSION or models:/NAME@ALIAS, or a Hugging Face hub id (owner/name[@revision])"
+
 
 def overrides(p: argparse.ArgumentParser, what: str = "a recipe field, e.g. train.zero_stage=3") -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override {what}")
@@ -25,7 +28,7 @@ def training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl, bf16)")
     overrides(p)
-    p.add_argument("--from", dest="from_uri", help="start from this model: DIR, s3://..., models:/NAME/VERSION")
+    p.add_argument("--from", dest="from_uri", help=f"start from this model: {MODEL}")
     p.add_argument("--run-name", help="run name (default RECIPE-PRESET); the same name resumes")
     p.add_argument("--storage", help="checkpoint storage (default s3://$UNILIP_BUCKET/runs)")
     p.add_argument(

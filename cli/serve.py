@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from cli.options import MODEL
+
 
 def add(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve a model over HTTP (OpenAI-compatible) with Ray Serve, on 127.0.0.1; Ctrl-C stops"
     )
-    p.add_argument("--model", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS, a directory or s3://...")
+    p.add_argument("--model", required=True, help=MODEL)
     p.add_argument("--config", help="Ray Serve config file (default: the project's serve/serve.yaml)")
     p.add_argument("--host", help="HTTP host (default 127.0.0.1; the config's 0.0.0.0 is for clusters)")
     p.add_argument("--port", type=int, help="HTTP port (default from the config: 8000)")

@@ -44,15 +44,11 @@ class UniLIPModel:
         try:
             import torch
 
-            from cluster.registry import fetch_model
-            from unilip.model import UniLIP
-            from unilip.s3 import s3_access
+            from cluster.registry import load_model
 
             torch.set_grad_enabled(False)
             # bf16 on a GPU, fp32 on a CPU, unless the application's `dtype` says otherwise
-            self.model = UniLIP.from_pretrained(fetch_model(self.model_uri, s3_access())).for_inference(
-                dtype=self.dtype
-            )
+            self.model = load_model(self.model_uri, dtype=self.dtype)
         except Exception as e:  # reported by status(); the replica stays up to say why
             self.error = f"{type(e).__name__}: {e}"
             if not isinstance(e, UserError):  # a bug of ours: its traceback in the replica's log

@@ -64,13 +64,12 @@ class EvalWorker:
     def __init__(self, model_uri: str, sampling: dict, out: str, dtype: str = "auto"):
         import torch
 
-        from cluster.registry import fetch_model
-        from unilip.model import UniLIP
+        from cluster.registry import load_model
         from unilip.s3 import s3_access
 
         torch.set_grad_enabled(False)
         self.s3 = s3_access()
-        self.model = UniLIP.from_pretrained(fetch_model(model_uri, self.s3)).for_inference(dtype=dtype)
+        self.model = load_model(model_uri, self.s3, dtype=dtype)
         self.sampling, self.out = sampling, Output(out, self.s3)
 
     def _reference(self, uri: str):

@@ -73,14 +73,13 @@ class ReconWorker:
     def __init__(self, model_uri: str, fid_weights: str, size: int, dtype: str = "auto"):
         import torch
 
-        from cluster.registry import fetch_model
+        from cluster.registry import load_model
         from jobs.evaluation.fid import FIDFeatures
-        from unilip.model import UniLIP
         from unilip.s3 import s3_access
 
         torch.set_grad_enabled(False)
         self.s3 = s3_access()
-        self.model = UniLIP.from_pretrained(fetch_model(model_uri, self.s3)).for_inference(dtype=dtype)
+        self.model = load_model(model_uri, self.s3, dtype=dtype)
         self.fid = FIDFeatures(self.s3.fetch(fid_weights)).to(self.model.device) if fid_weights else None
         self.size = size
 

@@ -53,14 +53,12 @@ def run_serve_bench(
     import requests
     import torch
 
-    from cluster.registry import fetch_model
+    from cluster.registry import load_model
     from serve.app import DEFAULT_CONFIG, ServeProcess, deployment_options, load_config
-    from unilip.model import UniLIP
-    from unilip.s3 import s3_access
 
     replica = deployment_options(load_config(DEFAULT_CONFIG)["applications"][0]).get("UniLIPModel", {})
     torch.set_num_threads(max(1, int(replica.get("ray_actor_options", {}).get("num_cpus", 1))))
-    direct = UniLIP.from_pretrained(fetch_model(model, s3_access())).eval()
+    direct = load_model(model)
     direct.generate([PROMPT], steps=steps, seed=[0])  # warm-up
     in_process = []
     for i in range(repeats):
