@@ -264,4 +264,7 @@ def test_cli_converts_from_s3_and_errors_name_the_problem(stack, s3, tiny, tmp_p
         "dit",
     }
     bad = run_inline("convert", "official", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "nowhere does not exist" in bad.stderr
+    (tmp_path / "empty").mkdir()
+    bad = run_inline("convert", "official", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "no readable config.json" in bad.stderr

@@ -111,7 +111,8 @@ def run_stage(
     for warning in check_resume(resume and resume.data, data):  # refuses changed manifests
         log(f"[{name}] warning: {warning}")
 
-    env = s3.env() | {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "AWS_", "UNILIP_"))}
+    # the workers reach S3, MLflow and the Hugging Face hub (a `--from owner/name`) as this process does
+    env = s3.env() | {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "AWS_", "UNILIP_", "HF_"))}
     # Ray Train's print patch tees worker prints once more when stdout is wrapped: one line each.
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     # progress bars (Ray Data's split coordinator, MLflow downloads) are noise in a training log
