@@ -70,11 +70,10 @@ def understanding_drift(model, teacher, images: np.ndarray) -> dict[str, float]:
 
     kls, same = [], []
     for image in map(Image.fromarray, images):
-        features = None
+        _, pixels = model.understanding_inputs(image, QUESTIONS[0])
+        original, trained = teacher(pixels), model.encoder(pixels)  # an image's, whatever the question
         for question in QUESTIONS:
-            ids, pixels = model.understanding_inputs(image, question)
-            if features is None:  # an image's, whatever the question
-                original, trained = features = teacher(pixels), model.encoder(pixels)
+            ids, _ = model.understanding_inputs(image, question)
             after = int((ids[0] == model.mllm.config.image_token_id).nonzero().max()) + 1
             ref = model.understanding_logits(ids, original)[0, after:].float().log_softmax(-1)
             got = model.understanding_logits(ids, trained)[0, after:].float().log_softmax(-1)
